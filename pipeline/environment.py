@@ -1,0 +1,80 @@
+"""The facts outside a scene file that decide its pixels, gathered once before planning.
+
+Planning is pure; everything it needs from disk is read here first: the model's fingerprint and
+scheduler config, the content hash of every input file, the library versions, the device::
+
+    env = resolve_env(scene)                   # reads files, never imports torch
+    jobs = plan(scene, env)
+
+Keeping this apart means ``plan`` can be tested and benchmarked with a hand-made ``RenderEnv``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.models import (
+    ModelRef,
+    choose_dtype,
+    detect_device,
+    library_versions,
+    memo_digest,
+    resolve_model,
+)
+from pipeline.scene import IMAGE_FIELDS, Scene
+
+
+@dataclass(frozen=True)
+class RenderEnv:
+    """Everything besides the scene that goes into keys. Plain data only."""
+
+    model: str
+    pipeline_class: str
+    family: str
+    fingerprint: dict[str, str]
+    scheduler_config: dict[str, Any]
+    device: str = "cpu"
+    dtype: str = "float32"
+    libraries: dict[str, str] = field(default_factory=dict)
+    # scene-relative path -> sha256 of the file's content (init images, masks, learned embeddings, LoRAs)
+    files: dict[str, str] = field(default_factory=dict)
+    model_kind: str = "embedded"
+
+
+def input_files(scene: Scene) -> list[str]:
+    """Every input file a scene names, as written (relative to the scene)."""
+    names: list[str] = [getattr(scene, f) for f in IMAGE_FIELDS if getattr(scene, f)]
+    for kf in scene.keyframes:
+        names += [getattr(kf, f) for f in IMAGE_FIELDS if getattr(kf, f)]
+    names += [e.path for e in scene.embeddings] + [lo.path for lo in scene.loras]
+    return list(dict.fromkeys(names))
+
+
+def resolve_env(
+    scene: Scene,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    model: str | None = None,
+    memo: MutableMapping[str, Any] | None = None,
+    ref: ModelRef | None = None,
+) -> RenderEnv:
+    """Read what the plan needs from disk: model fingerprint, input hashes, versions, device."""
+    ref = ref or resolve_model(model or scene.model, scene.base_dir, revision=scene.revision, memo=memo)
+    dev = detect_device() if device == "auto" else device
+    # Input files are small: hash their content every time, so an edit that restores the mtime still counts.
+    files = {rel: memo_digest(scene.resolve(rel), None) for rel in input_files(scene)}
+    return RenderEnv(
+        model=ref.spec,
+        pipeline_class=ref.pipeline_class,
+        family=ref.family,
+        fingerprint=dict(ref.fingerprint),
+        scheduler_config=ref.scheduler_config(),
+        device=dev,
+        dtype=choose_dtype(dtype or scene.dtype, dev),
+        libraries=library_versions(),
+        files=files,
+        model_kind=ref.kind,
+    )

@@ -1,0 +1,100 @@
+"""The last plan of each scene, kept in the cache's records store, so that ``--plan`` can say why a
+frame is not cached: never rendered, or which of its inputs changed since the last render::
+
+    previous = load_plan(cache.records, scene.path)
+    why = frame_status(plan, previous, cached_keys)      # ["cached", "changed: prompt, noise", ...]
+
+Records are compressed JSON (recipes repeat a lot), so a 100,000-frame plan stays a few MB.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Store, record_key
+from pipeline.planner import Plan
+
+# How a recipe field is named to a user.
+_FRAME_FIELDS = {"cond": "prompt", "neg": "negative prompt", "noise": "noise", "mode": "mode or its inputs"}
+_BASE_FIELDS = {
+    "model": "model weights",
+    "pipeline": "pipeline",
+    "family": "model family",
+    "scheduler": "scheduler",
+    "steps": "steps",
+    "size": "size",
+    "device": "device",
+    "dtype": "dtype",
+    "libraries": "library versions",
+    "clip_skip": "clip_skip",
+    "t5": "t5",
+    "learned": "learned embeddings",
+    "loras": "LoRA files",
+    "v": "renderer version",
+}
+
+
+def plan_record_key(scene_path: Path) -> str:
+    return record_key("plan", str(Path(scene_path).resolve()))
+
+
+def save_plan(records: Store, scene_path: Path, plan: Plan) -> None:
+    """Remember this plan as the scene's latest (called when a render starts)."""
+    data = {"base": plan.base, "keys": [j.key for j in plan], "recipes": [j.recipe for j in plan]}
+    records.put(plan_record_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6))
+
+
+def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:
+    """The scene's last recorded plan, or None (never rendered, unreadable, or no cache yet)."""
+    if records is None:
+        return None
+    blob = records.get(plan_record_key(scene_path))
+    if blob is None:
+        return None
+    try:
+        return json.loads(zlib.decompress(blob))
+    except (zlib.error, ValueError):
+        return None
+
+
+def _changed_fields(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for field, label in _FRAME_FIELDS.items():
+        a, b = new.get(field), old.get(field)
+        if field == "mode" and isinstance(a, dict) and isinstance(b, dict):
+            if {k: v for k, v in a.items() if k != "prev"} != {k: v for k, v in b.items() if k != "prev"}:
+                names.append(label)
+            elif a.get("prev") != b.get("prev"):
+                names.append("previous frame")
+        elif a != b:
+            names.append(label)
+    new_s, old_s = new.get("scalars", {}), old.get("scalars", {})
+    names += [name for name in sorted(set(new_s) | set(old_s)) if new_s.get(name) != old_s.get(name)]
+    return names
+
+
+def frame_status(plan: Plan, previous: dict[str, Any] | None, cached: set[str]) -> list[str]:
+    """Per frame: 'cached', or why not ('not rendered yet', 'new frame', 'changed: steps, prompt')."""
+    base_changes: list[str] = []
+    if previous is not None:
+        old_base = previous.get("base", {})
+        base_changes = [label for field, label in _BASE_FIELDS.items() if plan.base.get(field) != old_base.get(field)]
+    old_keys: list[str] = previous.get("keys", []) if previous else []
+    old_recipes: list[dict[str, Any]] = previous.get("recipes", []) if previous else []
+    out: list[str] = []
+    for job in plan:
+        if job.key in cached:
+            out.append("cached")
+        elif previous is None:
+            out.append("not rendered yet")
+        elif job.frame >= len(old_keys):
+            out.append("new frame")
+        elif old_keys[job.frame] == job.key:
+            out.append("not rendered yet")
+        else:
+            changes = base_changes + _changed_fields(job.recipe, old_recipes[job.frame])
+            out.append("changed: " + (", ".join(changes) if changes else "settings"))
+    return out

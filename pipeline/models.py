@@ -1,0 +1,248 @@
+"""Models: resolving a scene's ``model:`` to files, its fingerprint, device and dtype, and loading it.
+
+Resolution, fingerprints and device choice are torch-free so that ``--plan`` and a no-op re-run
+never import torch; only :func:`load_pipeline` does::
+
+    ref = resolve_model("tiny", scene_dir)        # embedded | local folder | Hugging Face id
+    ref.fingerprint                                # {"unet": "9f2c...", "vae": ..., ...}
+    pipe = load_pipeline(ref, device="cpu", dtype="float32")
+
+A fingerprint is per component (unet, vae, text_encoder, ...): the commit hash for a Hugging Face
+model, or a hash of a local folder's files. Per component, so that an embedding cached for one
+checkpoint is reused by another with the same text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import warnings
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.keys import file_digest
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+RANDOM_WEIGHTS_NOTE = (
+    "note: model '{name}' is the embedded test model with RANDOM weights: frames are noise-like patterns. "
+    "For real images set 'model:' in the scene (or --model) to a Hugging Face id such as "
+    "'stable-diffusion-v1-5/stable-diffusion-v1-5' or to a local diffusers folder."
+)
+# Text-side components per family: what an embedding depends on.
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "sd": ("text_encoder", "tokenizer"),
+    "sdxl": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+T5_COMPONENTS: tuple[str, ...] = ("text_encoder_3", "tokenizer_3")
+
+
+class ModelError(Exception):
+    """A model cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class ModelRef:
+    """A resolved model: where its files are and what identifies them."""
+
+    spec: str  # as written in the scene or on the command line
+    kind: str  # "embedded" | "local" | "hub"
+    folder: Path | None  # local files (embedded, local folder, or a hub snapshot already on disk)
+    index: dict[str, Any]  # model_index.json
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name", "StableDiffusionPipeline"))
+
+    @property
+    def family(self) -> str:
+        return family_of(self.pipeline_class)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.kind == "embedded"
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The model's own scheduler config (JSON), used in keys and to build named schedulers."""
+        if self.folder is None:
+            return {}
+        path = self.folder / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def family_of(pipeline_class: str) -> str:
+    """'sd' (1.x/2.x), 'sdxl' or 'sd3', from a diffusers pipeline class name."""
+    if "StableDiffusion3" in pipeline_class:
+        return "sd3"
+    if "StableDiffusionXL" in pipeline_class:
+        return "sdxl"
+    return "sd"
+
+
+def resolve_model(
+    spec: str,
+    scene_dir: Path,
+    *,
+    revision: str | None = None,
+    memo: MutableMapping[str, Any] | None = None,
+) -> ModelRef:
+    """Find a model's files and fingerprint them, without importing torch."""
+    embedded = EMBEDDED_DIR / spec
+    if (embedded / "model_index.json").is_file():
+        folder = embedded
+        kind = "embedded"
+    else:
+        local = (scene_dir / spec).expanduser().resolve()
+        if (local / "model_index.json").is_file():
+            folder, kind = local, "local"
+        elif local.exists() or spec.startswith((".", "/", "~")):
+            raise ModelError(f"model folder '{spec}' has no model_index.json; point at a diffusers pipeline folder")
+        else:
+            return _resolve_hub(spec, revision)
+    index = json.loads((folder / "model_index.json").read_text())
+    return ModelRef(spec, kind, folder, index, _folder_fingerprint(folder, index, memo), revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
+    """A Hugging Face id: its commit from the local HF cache, or from the hub when online."""
+    from huggingface_hub import constants, snapshot_download  # torch-free
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        # Only the small files: the weights are fetched by from_pretrained when rendering.
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=["model_index.json", "*/config.json", "*/*_config.json", "*.txt", "*/*.json"],
+                local_files_only=offline,
+            )
+        )
+    except Exception as exc:
+        hint = (
+            "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache; "
+            "download it once with network access, or point 'model:' at a local diffusers folder"
+            if offline
+            else "check the id (owner/name), your network, and HF_TOKEN for gated models"
+        )
+        raise ModelError(f"cannot find model '{repo_id}': {type(exc).__name__}: {exc}. {hint}") from None
+    index = json.loads((folder / "model_index.json").read_text())
+    commit = folder.name  # snapshots/<commit hash>
+    fp = {name: f"hub:{repo_id}@{commit}" for name in index if not name.startswith("_")}
+    return ModelRef(repo_id, "hub", folder, index, fp, revision)
+
+
+def _folder_fingerprint(folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None) -> dict[str, str]:
+    """Per component, the sha256 over its files' names and content hashes."""
+    out: dict[str, str] = {}
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        comp = folder / name
+        h = hashlib.sha256()
+        for f in sorted(p for p in comp.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(f.relative_to(comp).as_posix().encode() + b"\0" + memo_digest(f, memo).encode() + b"\n")
+        out[name] = h.hexdigest()
+    return out
+
+
+def memo_digest(path: Path, memo: MutableMapping[str, Any] | None) -> str:
+    """A file's content hash, remembered by (path, size, mtime, ctime, inode).
+
+    Checkpoint weights are gigabytes: re-hashing them on every run would make a no-op re-run slow.
+    ctime cannot be set back by a user (unlike mtime), so an in-place edit is still noticed.
+    """
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    if memo is not None and stamp in memo:
+        return str(memo[stamp])
+    digest = file_digest(str(path))
+    if memo is not None:
+        memo[stamp] = digest
+    return digest
+
+
+def detect_device() -> str:
+    """'cuda', 'mps' or 'cpu', decided without importing torch (a no-op re-run never loads it)."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "cpu"
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mps"
+    if "+cpu" in version:
+        return "cpu"
+    if os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"):
+        return "cuda"
+    return "cpu"
+
+
+def torch_device() -> str:
+    """The device torch itself can use: the check behind :func:`detect_device`'s guess."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def choose_dtype(requested: str, device: str) -> str:
+    """fp16 on CUDA (halves memory, tensor cores), fp32 elsewhere (CPU half precision is slow or missing)."""
+    if requested != "auto":
+        return requested
+    return "float16" if device == "cuda" else "float32"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics decide the pixels."""
+    out = {}
+    for dist in ("torch", "diffusers", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
+    """Load the diffusers pipeline named by ``ref`` onto ``device`` in ``dtype``."""
+    # Library chatter (optional torchvision backends, loading bars) would bury our own progress bar.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers
+    import torch
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    cls = getattr(diffusers, ref.pipeline_class, None) or diffusers.DiffusionPipeline
+    source: str | Path = ref.folder if ref.kind != "hub" else ref.spec
+    kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+    if ref.kind == "hub" and ref.revision:
+        kwargs["revision"] = ref.revision
+    if ref.family == "sd" and "safety_checker" in ref.index:
+        # Frames of an animation are judged by the artist; a blacked-out frame would break the clip.
+        kwargs["safety_checker"] = None
+        kwargs["requires_safety_checker"] = False
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere we support.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = cls.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model '{ref.spec}': {exc}") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

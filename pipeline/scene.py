@@ -1,0 +1,632 @@
+"""Scene files: the pydantic models of a scene, loading from YAML, and every validation rule.
+
+A scene is a YAML mapping (see README "Scene format"). Loading is strict and reports every problem
+at once as ``FILE:LINE:COL: what is wrong, and what is allowed``::
+
+    scene = load_scene("scenes/dog_cat.yaml")     # raises SceneError listing every problem
+    scene.total_frames, scene.keyframe_frames
+
+Two passes: pydantic checks types and unknown keys; then the scene rules (keyframe order, ranges,
+files, names) run on the typed scene. Nothing here imports torch or touches a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+)
+
+from pipeline import curves
+from pipeline.schedulers import scheduler_names
+from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
+MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "depth2img", "feedback")
+# Scalars that a keyframe may set and that are interpolated with the keyframe's curve.
+SCALARS: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
+# Values that hold from the keyframe that sets them until the next one that does.
+HELD: tuple[str, ...] = ("mode", "init_image", "mask", "depth_map")
+IMAGE_FIELDS: tuple[str, ...] = ("init_image", "mask", "depth_map")
+OUTPUT_KINDS: dict[str, str] = {".mp4": "mp4", ".gif": "gif", ".png": "grid", ".jpg": "grid", ".jpeg": "grid"}
+_SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_FRAMES = 1_000_000
+
+
+class _Strict(BaseModel):
+    # strict: YAML already typed every value; "5" is never silently a number and "yes" never a bool.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _text_to_parts(value: Any) -> Any:
+    """``prompt: "a dog"`` is shorthand for a blend of one prompt with weight 1."""
+    if isinstance(value, str):
+        return [{"text": value, "weight": 1.0}]
+    return value
+
+
+def _text_to_mapping(field: str) -> Any:
+    def convert(value: Any) -> Any:
+        return {field: value} if isinstance(value, str) else value
+
+    return convert
+
+
+class PromptPart(_Strict):
+    """One prompt of a weighted blend at a keyframe."""
+
+    text: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+Prompt = Annotated[list[PromptPart], BeforeValidator(_text_to_parts), Field(min_length=1)]
+
+
+class Keyframe(_Strict):
+    """Values set at one frame. Scalars are eased in with ``curve``; ``hold`` keeps them until the next one."""
+
+    frame: int | str
+    prompt: Prompt | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    curve: str | None = None
+    hold: bool = False
+    guidance: float | None = Field(default=None, ge=0, le=100)
+    strength: float | None = Field(default=None, ge=0, le=1)
+    zoom: float | None = Field(default=None, gt=0, le=100)
+    angle: float | None = None
+    translate_x: float | None = None
+    translate_y: float | None = None
+    mode: Mode | None = None
+    init_image: str | None = None
+    mask: str | None = None
+    depth_map: str | None = None
+    lora: dict[str, float] | None = None
+
+
+class Noise(_Strict):
+    """Where each frame's initial latent comes from."""
+
+    kind: Literal["fixed", "per_frame", "travel", "circle"] = "fixed"
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**63)]] | None = None
+    endpoint: bool = False
+
+
+class Walk(_Strict):
+    """A walk around one prompt: a constant step added to its embeddings at every frame."""
+
+    prompt: str
+    frames: int = Field(ge=1, le=MAX_FRAMES)
+    step_size: float = 0.01
+    direction: Literal["ones", "random"] = "ones"
+    direction_seed: int = Field(default=0, ge=0, lt=2**63)
+
+
+class Grid(_Strict):
+    """A grid between four corner prompts (top-left, top-right, bottom-left, bottom-right)."""
+
+    prompts: list[str] = Field(min_length=4, max_length=4)
+    rows: int = Field(default=8, ge=1, le=1000)
+    cols: int = Field(default=8, ge=1, le=1000)
+
+
+class Output(_Strict):
+    """One file the scene writes. The kind comes from the extension unless given."""
+
+    path: str
+    kind: Literal["mp4", "gif", "frames", "grid"] | None = None
+    fps: float | None = Field(default=None, gt=0, le=240)
+    rubber_band: bool = False
+    loop: int = Field(default=0, ge=0)
+    cols: int | None = Field(default=None, ge=1)
+
+
+class LearnedEmbedding(_Strict):
+    """A textual-inversion file and the token it adds to prompts."""
+
+    path: str
+    token: str | None = None
+
+
+class Lora(_Strict):
+    """LoRA weights; keyframes may set ``lora: {name: scale}``."""
+
+    path: str
+    name: str | None = None
+    scale: float = 1.0
+
+
+class Scene(_Strict):
+    """A whole scene file. Top-level scalars are the values at frame 0 unless a keyframe there sets them."""
+
+    model: str = "tiny"
+    revision: str | None = None
+    scheduler: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    size: list[Annotated[int, Field(ge=8, le=8192)]] = Field(default_factory=lambda: [512, 512], min_length=2, max_length=2)
+    steps: int = Field(default=25, ge=1, le=1000)
+    guidance: float = Field(default=7.5, ge=0, le=100)
+    fps: float = Field(default=12.0, gt=0, le=240)
+    frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    duration: str | float | None = None
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    negative_prompt: str = ""
+    interpolation: Literal["slerp", "lerp"] = "slerp"
+    curve: str = "linear"
+    noise: Annotated[Noise, BeforeValidator(_text_to_mapping("kind"))] = Field(default_factory=Noise)
+    clip_skip: int = Field(default=0, ge=0, le=11)
+    t5: bool = False
+    mode: Mode = "txt2img"
+    init_image: str | None = None
+    mask: str | None = None
+    depth_map: str | None = None
+    strength: float = Field(default=0.75, ge=0, le=1)
+    zoom: float = Field(default=1.0, gt=0, le=100)
+    angle: float = 0.0
+    translate_x: float = 0.0
+    translate_y: float = 0.0
+    embeddings: list[LearnedEmbedding] = Field(default_factory=list)
+    loras: list[Lora] = Field(default_factory=list)
+    keyframes: list[Keyframe] = Field(default_factory=list)
+    walk: Walk | None = None
+    grid: Grid | None = None
+    outputs: list[Annotated[Output, BeforeValidator(_text_to_mapping("path"))]] | None = None
+
+    # Filled in by load_scene after the rules pass: where the file is and what its frame refs mean.
+    _path: Path = PrivateAttr(default=Path("scene.yaml"))
+    _keyframe_frames: list[int] = PrivateAttr(default_factory=list)
+    _total_frames: int = PrivateAttr(default=0)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def name(self) -> str:
+        return self._path.stem
+
+    @property
+    def base_dir(self) -> Path:
+        return self._path.parent
+
+    @property
+    def keyframe_frames(self) -> list[int]:
+        return self._keyframe_frames
+
+    @property
+    def total_frames(self) -> int:
+        return self._total_frames
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def resolve(self, relative: str) -> Path:
+        """A path written in the scene, relative to the scene file's folder."""
+        return (self.base_dir / relative).resolve()
+
+    def lora_name(self, lora: Lora) -> str:
+        return lora.name or Path(lora.path).stem
+
+    def effective_outputs(self) -> list[Output]:
+        """The outputs to write: as given, or an MP4 and a GIF (and a grid image for grids)."""
+        if self.outputs is not None:
+            return list(self.outputs)
+        outs = [Output(path=f"{self.name}.mp4"), Output(path=f"{self.name}.gif")]
+        if self.grid is not None:
+            outs.append(Output(path=f"{self.name}_grid.png", cols=self.grid.cols))
+        return outs
+
+
+def output_kind(out: Output) -> str | None:
+    """The kind of an output: given, or from its extension; a path ending in '/' is a folder of PNGs."""
+    if out.kind:
+        return out.kind
+    if out.path.endswith("/"):
+        return "frames"
+    return OUTPUT_KINDS.get(Path(out.path).suffix.lower())
+
+
+def parse_frame_ref(ref: int | str, fps: float) -> int | None:
+    """A keyframe's frame: an int, or seconds like '2.5s' turned into the nearest frame at ``fps``."""
+    if isinstance(ref, bool):
+        return None
+    if isinstance(ref, int):
+        return ref
+    m = _SECONDS.match(ref.strip())
+    if not m:
+        return None
+    return round(float(m.group(1)) * fps)
+
+
+def embedded_models() -> list[str]:
+    """Names of the models that ship inside the project."""
+    if not EMBEDDED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene:
+    """Read, parse and validate a scene file. Raises :class:`SceneError` with every problem."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SceneError([Problem(shown, 1, 1, f"scene file not found: {path}")]) from None
+    except OSError as exc:
+        raise SceneError([Problem(shown, 1, 1, f"cannot read the scene file: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SceneError([Problem(shown, 1, 1, f"the scene file is not UTF-8 text ({exc.reason})")]) from None
+    return parse_scene(text, shown, base_path=path, allow_outside_inputs=allow_outside_inputs)
+
+
+def parse_scene(text: str, shown: str, *, base_path: Path | None = None, allow_outside_inputs: bool = False) -> Scene:
+    """Validate scene text; ``shown`` is the file name used in messages."""
+    doc = load_yaml(text, shown)
+    if not isinstance(doc.data, dict):
+        kind = type(doc.data).__name__ if doc.data is not None else "empty"
+        raise SceneError([doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}")])
+    try:
+        scene = Scene.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SceneError([_problem_from_pydantic(doc, err) for err in exc.errors()]) from None
+    scene._path = (base_path or Path(shown)).resolve()
+    problems = _check_rules(scene, doc, allow_outside_inputs=allow_outside_inputs)
+    if problems:
+        raise SceneError(problems)
+    return scene
+
+
+def _kind(name: str) -> str:
+    return {"list": "list", "str": "single value", "int": "number", "float": "number", "bool": "boolean"}.get(name, name)
+
+
+_TYPE_WORDS = {
+    "string_type": "text",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text '{value}'"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)
+
+
+def _where_words(loc: tuple[Any, ...]) -> str:
+    """'keyframe 2 (frame list index 1)' style context for a pydantic loc."""
+    parts: list[str] = []
+    i = 0
+    while i < len(loc):
+        item = loc[i]
+        if item in ("keyframes", "outputs", "embeddings", "loras") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+            parts.append(f"{item[:-1]} {loc[i + 1] + 1}")
+            i += 2
+            continue
+        parts.append(str(item))
+        i += 1
+    return ", ".join(parts)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the value at ``loc`` (to list its allowed keys)."""
+    model: type[BaseModel] = Scene
+    for item in loc:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(str(item))
+        if field is None:
+            return model
+        found = _first_model(field.annotation)
+        if found is None:
+            return model
+        model = found
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    meta = getattr(annotation, "__origin__", None)
+    if meta is not None and isinstance(meta, type) and issubclass(meta, BaseModel):
+        return meta
+    return None
+
+
+def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    value = err.get("input")
+    # Union branches add their type name to loc ("frame", "int"); drop them for positions and words.
+    clean = tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in ("int", "str", "float", "function-before"))))
+    where = _where_words(clean)
+    if kind == "extra_forbidden":
+        key = str(clean[-1])
+        model = _model_at(clean[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        context = _where_words(clean[:-1])
+        inside = f" in {context}" if context else ""
+        return doc.problem(clean, f"unknown key '{key}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True)
+    if kind == "missing":
+        return doc.problem(clean[:-1], f"missing required key '{clean[-1]}' in {_where_words(clean[:-1]) or 'the scene'}")
+    if kind in _TYPE_WORDS:
+        want = _TYPE_WORDS[kind]
+        hint = ""
+        if kind == "bool_type" and isinstance(value, str):
+            hint = " (YAML 1.2: only true and false are booleans; yes/no/on/off are text)"
+        elif kind in ("int_type", "float_type") and isinstance(value, str) and ":" in value:
+            hint = " (values like 1:30 are text, not minutes:seconds)"
+        elif kind == "string_type" and not isinstance(value, (list, dict)):
+            hint = " (put quotes around it to make it text)"
+        return doc.problem(clean, f"{where}: expected {want}, got {_describe(value)}{hint}")
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return doc.problem(clean, f"{where}: {_describe(value)} is not allowed; allowed: {expected.replace(' or ', ', ')}")
+    if kind in ("too_short", "too_long"):
+        ctx = err.get("ctx", {})
+        return doc.problem(clean, f"{where}: {err['msg'].lower()} (got {ctx.get('actual_length')})")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return doc.problem(clean, f"{where}: {err['msg'].lower()}, got {_describe(value)}")
+    return doc.problem(clean, f"{where}: {err['msg']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scene rules
+
+
+def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    add = problems.append
+    fps = scene.fps
+
+    # 1. Names: curves, scheduler, model.
+    for path, spec in [(("curve",), scene.curve)] + [
+        (("keyframes", i, "curve"), kf.curve) for i, kf in enumerate(scene.keyframes) if kf.curve is not None
+    ]:
+        try:
+            curves.parse_curve(spec)
+        except ValueError as exc:
+            add(doc.problem(path, str(exc)))
+    if scene.scheduler is not None and scene.scheduler not in scheduler_names():
+        close = difflib.get_close_matches(scene.scheduler, scheduler_names(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        add(doc.problem(("scheduler",), f"unknown scheduler '{scene.scheduler}'; {hint}allowed: {', '.join(scheduler_names())}"))
+    model_problem = _check_model(scene)
+    if model_problem:
+        add(doc.problem(("model",), model_problem))
+
+    # 2. Size.
+    for i, (axis, value) in enumerate(zip(("width", "height"), scene.size, strict=True)):
+        if value % 8:
+            add(
+                doc.problem(
+                    ("size", i),
+                    f"size: {axis} {value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks); "
+                    f"use {value // 8 * 8 or 8} or {value // 8 * 8 + 8}",
+                )
+            )
+
+    # 3. Frames: walk, grid or keyframes, and how long the scene is.
+    sources = [name for name in ("walk", "grid") if getattr(scene, name) is not None]
+    if len(sources) > 1:
+        add(doc.problem(("grid",), "a scene is either a walk or a grid, not both"))
+    if sources and scene.keyframes:
+        add(doc.problem(("keyframes",), f"a {sources[0]} scene takes no keyframes; its frames come from '{sources[0]}'", key=True))
+    if not sources and not scene.keyframes:
+        add(doc.problem((), "the scene has no frames: give 'keyframes' (a list with 'frame' and 'prompt'), a 'walk' or a 'grid'"))
+
+    declared_total: int | None = scene.frames
+    if scene.duration is not None:
+        seconds = _parse_duration(scene.duration)
+        if seconds is None:
+            add(doc.problem(("duration",), f"duration: {_describe(scene.duration)} is not a duration; write seconds like 10s or 10"))
+        elif scene.frames is not None:
+            add(doc.problem(("duration",), "give either 'frames' or 'duration', not both"))
+        else:
+            declared_total = max(1, round(seconds * fps))
+
+    frames: list[int] = []
+    previous: tuple[int, int] | None = None  # (frame, keyframe index)
+    for i, kf in enumerate(scene.keyframes):
+        at = ("keyframes", i, "frame")
+        n = parse_frame_ref(kf.frame, fps)
+        if n is None:
+            add(doc.problem(at, f"keyframe {i + 1}: frame {_describe(kf.frame)} is not a frame; write a whole number like 24 or seconds like 2.5s"))
+            frames.append(-1)
+            continue
+        if n < 0:
+            add(doc.problem(at, f"keyframe {i + 1}: frame {n} is negative; frames count from 0"))
+        elif declared_total is not None and n >= declared_total:
+            add(doc.problem(at, f"keyframe {i + 1}: frame {n} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})"))
+        elif previous is not None and n == previous[0]:
+            line = doc.where(("keyframes", previous[1], "frame"))[0]
+            add(doc.problem(at, f"keyframe {i + 1}: frame {n} repeats the keyframe at line {line}; each frame may have one keyframe"))
+        elif previous is not None and n < previous[0]:
+            add(doc.problem(at, f"keyframe {i + 1}: frame {n} comes after frame {previous[0]}; keyframes must be in increasing frame order"))
+        frames.append(n)
+        if n >= 0 and (previous is None or n > previous[0]):
+            previous = (n, i)
+
+    if scene.keyframes and not any(kf.prompt for kf in scene.keyframes):
+        add(doc.problem(("keyframes",), "no keyframe sets a 'prompt'; at least one must", key=True))
+
+    if scene.walk is not None:
+        total = scene.walk.frames
+    elif scene.grid is not None:
+        total = scene.grid.rows * scene.grid.cols
+    else:
+        total = declared_total if declared_total is not None else (max(frames) + 1 if frames and max(frames) >= 0 else 1)
+    if total > MAX_FRAMES:
+        add(doc.problem(("frames",), f"the scene has {total} frames; at most {MAX_FRAMES} are allowed"))
+
+    # 4. Noise.
+    noise = scene.noise
+    if noise.kind == "circle":
+        if not noise.seeds or len(noise.seeds) != 2:
+            add(doc.problem(("noise",), "noise: a circle walk needs 'seeds: [A, B]', exactly two seeds"))
+    elif noise.seeds is not None:
+        add(doc.problem(("noise", "seeds"), f"noise: 'seeds' is only for kind circle (kind here is {noise.kind}); use 'seed'"))
+    if noise.endpoint and noise.kind != "circle":
+        add(doc.problem(("noise", "endpoint"), "noise: 'endpoint' is only for kind circle"))
+    if noise.kind == "travel" and not any(kf.seed is not None for kf in scene.keyframes):
+        add(doc.problem(("noise",), "noise: kind travel slerps between the seeds of keyframes, but no keyframe sets 'seed'"))
+    if noise.kind != "travel":
+        for i, kf in enumerate(scene.keyframes):
+            if kf.seed is not None:
+                add(doc.problem(("keyframes", i, "seed"), f"keyframe {i + 1}: a keyframe 'seed' needs 'noise: travel' (noise is {noise.kind})", key=True))
+
+    # 5. Modes and their inputs; files exist; LoRA names.
+    problems.extend(_check_modes_and_files(scene, doc, allow_outside_inputs=allow_outside_inputs))
+    lora_names = {scene.lora_name(lo) for lo in scene.loras}
+    for i, kf in enumerate(scene.keyframes):
+        for name in (kf.lora or {}):
+            if name not in lora_names:
+                allowed = ", ".join(sorted(lora_names)) or "none (the scene lists no 'loras')"
+                add(doc.problem(("keyframes", i, "lora", name), f"keyframe {i + 1}: unknown LoRA '{name}'; allowed: {allowed}", key=True))
+
+    # 6. Outputs.
+    seen: dict[str, int] = {}
+    for i, out in enumerate(scene.effective_outputs()):
+        at = ("outputs", i)
+        if output_kind(out) is None:
+            add(doc.problem(at, f"output {i + 1}: cannot tell the kind of '{out.path}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'"))
+        p = Path(out.path)
+        if p.is_absolute() or ".." in p.parts or not out.path.strip():
+            add(doc.problem(at, f"output {i + 1}: '{out.path}' must be a relative path inside the scene's render folder (no absolute paths, no '..')"))
+        norm = out.path.rstrip("/")
+        if norm in seen:
+            add(doc.problem(at, f"output {i + 1}: '{out.path}' is also output {seen[norm] + 1}; each output needs its own path"))
+        seen.setdefault(norm, i)
+        if out.rubber_band and output_kind(out) not in ("gif", "mp4", None):
+            add(doc.problem(at, f"output {i + 1}: rubber_band applies to gif and mp4 outputs only"))
+
+    if not problems:
+        scene._keyframe_frames = frames
+        scene._total_frames = total
+    return problems
+
+
+def _parse_duration(value: str | float) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if value > 0 and math.isfinite(value) else None
+    m = _SECONDS.match(str(value).strip())
+    if m and float(m.group(1)) > 0:
+        return float(m.group(1))
+    return None
+
+
+def _check_model(scene: Scene) -> str | None:
+    name = scene.model
+    if name in embedded_models():
+        return None
+    if name.startswith("tiny"):
+        return f"model: '{name}' is not an embedded model; embedded: {', '.join(embedded_models()) or 'none'}"
+    local = scene.resolve(name)
+    looks_local = name.startswith((".", "/", "~")) or local.exists()
+    if looks_local:
+        if not (local / "model_index.json").is_file():
+            return f"model: folder '{name}' is not a diffusers model folder (no model_index.json in {local})"
+        return None
+    if _HF_ID.match(name):
+        return None
+    return (
+        f"model: '{name}' is neither an embedded model ({', '.join(embedded_models())}), "
+        "a local diffusers folder, nor a Hugging Face id like 'owner/name'"
+    )
+
+
+def _check_modes_and_files(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> list[Problem]:
+    """Every image a mode needs is given, exists, and stays inside the scene's folder."""
+    problems: list[Problem] = []
+    base = scene.base_dir.resolve()
+    files: list[tuple[tuple[Any, ...], str]] = []
+    for name in IMAGE_FIELDS:
+        value = getattr(scene, name)
+        if value is not None:
+            files.append(((name,), value))
+    for i, kf in enumerate(scene.keyframes):
+        for name in IMAGE_FIELDS:
+            value = getattr(kf, name)
+            if value is not None:
+                files.append((("keyframes", i, name), value))
+    files += [(("embeddings", i, "path"), e.path) for i, e in enumerate(scene.embeddings)]
+    files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
+    for at, rel in files:
+        full = scene.resolve(rel)
+        if not allow_outside_inputs and not full.is_relative_to(base):
+            problems.append(doc.problem(at, f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs"))
+        elif not full.is_file():
+            problems.append(doc.problem(at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"))
+
+    # Walk the held values keyframe by keyframe, as the planner will, to check what each mode needs.
+    state = {name: getattr(scene, name) for name in HELD}
+    segments = [((), state.copy())] if not scene.keyframes or scene.keyframe_frames[:1] != [0] else []
+    for i, kf in enumerate(scene.keyframes):
+        for name in HELD:
+            value = getattr(kf, name)
+            if value is not None:
+                state[name] = value
+        segments.append((("keyframes", i), state.copy()))
+    reported: set[tuple[Any, ...]] = set()
+    for at, st in segments:
+        mode = st["mode"]
+        # One report per distinct state: a held mode would otherwise be reported at every keyframe.
+        state_key = (mode, st["init_image"], st["mask"])
+        if state_key in reported:
+            continue
+        reported.add(state_key)
+        where = f"keyframe {at[1] + 1}" if at else "the scene"
+        if mode in ("img2img", "inpaint", "depth2img") and not st["init_image"]:
+            problems.append(doc.problem(at or ("mode",), f"{where}: mode {mode} needs an 'init_image'"))
+        if mode == "inpaint" and not st["mask"]:
+            problems.append(doc.problem(at or ("mode",), f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)"))
+    if scene.mode != "txt2img" and (scene.walk is not None or scene.grid is not None) and scene.mode == "feedback":
+        problems.append(doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk"))
+    return problems

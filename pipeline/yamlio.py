@@ -1,0 +1,222 @@
+"""Strict YAML loading with source positions, for scene files.
+
+PyYAML's loaders are too permissive for files that other people write: they accept duplicate keys
+(the last one silently wins), anchors and aliases (a 1 KB "billion laughs" file expands to gigabytes),
+tags that build Python objects, and YAML 1.1 scalars where ``no`` is ``False`` and ``1:30`` is 90.
+This module composes the node tree with PyYAML's safe parser, rejects all of those, resolves plain
+scalars with the YAML 1.2 core schema (only ``true``/``false`` are booleans, ``no`` stays the text
+"no", ``1:30`` stays "1:30"), and records the line and column of every value so that later
+validation can point at the exact place::
+
+    doc = load_yaml(text, "scenes/dog_cat.yaml")
+    doc.data["keyframes"][1]["prompt"]
+    doc.where(("keyframes", 1, "prompt"))      # -> (12, 13)
+
+Every problem found is collected as a :class:`Problem`; :class:`SceneError` carries all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a scene file, at a 1-based line and column."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class SceneError(Exception):
+    """A scene file is invalid; carries every problem found, in file order."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.col))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass
+class YamlDoc:
+    """Plain Python data from a YAML file plus the source position of every node in it."""
+
+    file: str
+    data: Any
+    # path -> (line, col) of the value node; key_marks: path -> position of the mapping key itself.
+    marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+
+    def where(self, path: Iterable[str | int], *, key: bool = False) -> tuple[int, int]:
+        """Best known position for ``path``: the node itself, or its closest recorded ancestor."""
+        p = tuple(path)
+        while True:
+            if key and p in self.key_marks:
+                return self.key_marks[p]
+            if p in self.marks:
+                return self.marks[p]
+            if not p:
+                return (1, 1)
+            p = p[:-1]
+
+    def problem(self, path: Iterable[str | int], message: str, *, key: bool = False) -> Problem:
+        line, col = self.where(path, key=key)
+        return Problem(self.file, line, col, message)
+
+
+# YAML 1.2 core schema, as regexes over the plain (unquoted) scalar text.
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
+_BOOL_TRUE = re.compile(r"^(?:true|True|TRUE)$")
+_BOOL_FALSE = re.compile(r"^(?:false|False|FALSE)$")
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_INT_OCT = re.compile(r"^0o[0-7]+$")
+_INT_HEX = re.compile(r"^0x[0-9a-fA-F]+$")
+_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+_INF = re.compile(r"^[-+]?\.(?:inf|Inf|INF)$")
+_NAN = re.compile(r"^\.(?:nan|NaN|NAN)$")
+
+
+def resolve_plain(text: str) -> Any:
+    """Resolve an unquoted scalar with the YAML 1.2 core schema (no ``yes``/``no``/sexagesimal)."""
+    if _NULL.match(text):
+        return None
+    if _BOOL_TRUE.match(text):
+        return True
+    if _BOOL_FALSE.match(text):
+        return False
+    if _INT.match(text):
+        return int(text)
+    if _INT_OCT.match(text):
+        return int(text[2:], 8)
+    if _INT_HEX.match(text):
+        return int(text[2:], 16)
+    if _FLOAT.match(text):
+        return float(text)
+    if _INF.match(text):
+        return -math.inf if text.startswith("-") else math.inf
+    if _NAN.match(text):
+        return math.nan
+    return text
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses aliases and anchors before anything is expanded."""
+
+    def __init__(self, stream: str, problems: list[tuple[int, int, str]]):
+        super().__init__(stream)
+        self._problems = problems
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:  # type: ignore[override]
+        if self.check_event(AliasEvent):
+            event = self.get_event()
+            self._problems.append(
+                (
+                    event.start_mark.line + 1,
+                    event.start_mark.column + 1,
+                    f"YAML alias '*{event.anchor}' is not allowed; anchors and aliases are refused "
+                    "(they can expand a small file into gigabytes); write the value out",
+                )
+            )
+            # Stand in an empty scalar so composing goes on and every problem is reported.
+            return ScalarNode("tag:yaml.org,2002:null", "", event.start_mark, event.end_mark)
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._problems.append(
+                (
+                    event.start_mark.line + 1,
+                    event.start_mark.column + 1,
+                    f"YAML anchor '&{anchor}' is not allowed; anchors and aliases are refused, "
+                    "write the value out",
+                )
+            )
+            event.anchor = None
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag != "!":
+            # !!python/object and friends: safe loading would refuse some, but we refuse every
+            # explicit tag so that what a value means never depends on a tag.
+            short = "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+            self._problems.append(
+                (
+                    event.start_mark.line + 1,
+                    event.start_mark.column + 1,
+                    f"YAML tag '{short}' is not allowed; only plain values are accepted",
+                )
+            )
+            event.tag = None
+            if hasattr(event, "implicit") and isinstance(event.implicit, tuple):
+                event.implicit = (True, False)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, file: str) -> YamlDoc:
+    """Parse ``text`` strictly; raise :class:`SceneError` with every problem found."""
+    problems: list[tuple[int, int, str]] = []
+    loader = _StrictLoader(text, problems)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise SceneError([Problem(file, line, col, f"YAML syntax error: {what}")]) from None
+    except yaml.YAMLError as exc:  # reader errors: bad encoding, control characters
+        raise SceneError([Problem(file, 1, 1, f"cannot read YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+
+    doc = YamlDoc(file=file, data=None)
+    if root is None:
+        raise SceneError(
+            [Problem(file, 1, 1, "the scene file is empty; a scene is a YAML mapping with at least 'keyframes'")]
+        )
+    doc.data = _build(root, (), doc, problems)
+    if problems:
+        raise SceneError([Problem(file, ln, col, msg) for ln, col, msg in problems])
+    return doc
+
+
+def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int, str]]) -> Any:
+    """Turn a composed node into plain data, recording positions and collecting problems."""
+    line, col = node.start_mark.line + 1, node.start_mark.column + 1
+    doc.marks[path] = (line, col)
+    if isinstance(node, MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            kline, kcol = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            if not isinstance(key_node, ScalarNode):
+                problems.append((kline, kcol, "a mapping key must be a plain word, not a list or mapping"))
+                continue
+            key = key_node.value
+            if key == "<<" and key_node.style is None:
+                problems.append((kline, kcol, "YAML merge keys ('<<') are not allowed; write the keys out"))
+                continue
+            if key in out:
+                first = doc.key_marks.get((*path, key), (0, 0))
+                problems.append(
+                    (kline, kcol, f"duplicate key '{key}' (first set at line {first[0]}); each key may appear once")
+                )
+                continue
+            doc.key_marks[(*path, key)] = (kline, kcol)
+            out[key] = _build(value_node, (*path, key), doc, problems)
+        return out
+    if isinstance(node, SequenceNode):
+        return [_build(item, (*path, i), doc, problems) for i, item in enumerate(node.value)]
+    assert isinstance(node, ScalarNode)
+    if node.style is not None:
+        return node.value  # quoted or block text: always a string
+    return resolve_plain(node.value)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a hand-built RenderEnv and planning of scene text, with no model and no disk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.environment import RenderEnv
+from pipeline.planner import Plan, plan
+from pipeline.scene import parse_scene
+
+ENV_DEFAULTS: dict[str, Any] = {
+    "model": "tiny",
+    "pipeline_class": "StableDiffusionPipeline",
+    "family": "sd",
+    "fingerprint": {"unet": "unet-1", "vae": "vae-1", "text_encoder": "te-1", "tokenizer": "tok-1"},
+    "scheduler_config": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "device": "cpu",
+    "dtype": "float32",
+    "libraries": {"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0"},
+}
+
+
+@pytest.fixture
+def make_env() -> Callable[..., RenderEnv]:
+    """``make_env(device="cuda", ...)``: the default test env with some fields replaced."""
+
+    def make(**changes: Any) -> RenderEnv:
+        return RenderEnv(**{**ENV_DEFAULTS, **changes})
+
+    return make
+
+
+@pytest.fixture
+def plan_text(make_env: Callable[..., RenderEnv]) -> Callable[..., Plan]:
+    """``plan_text(yaml_text, env=None, base_path=None)``: validate scene text and plan it."""
+
+    def run(text: str, env: RenderEnv | None = None, *, base_path: Path | None = None) -> Plan:
+        scene = parse_scene(text, "scene.yaml", base_path=base_path)
+        return plan(scene, env or make_env())
+
+    return run

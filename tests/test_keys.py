@@ -1,0 +1,286 @@
+"""Tests for pipeline.keys (canonical JSON -> sha256) and for what goes into frame keys.
+
+Pinned digests are literals: if one changes, every cache in the wild misses. Bump on purpose only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.environment import RenderEnv
+from pipeline.keys import SIGNIFICANT_DIGITS, canonical_json, file_digest, key_of, round_float
+from pipeline.planner import plan
+from pipeline.scene import parse_scene
+
+# -- canonical JSON ------------------------------------------------------------------------------
+
+
+def test_sorted_compact_utf8():
+    assert canonical_json({"b": 1, "a": [1.5, "x"], "c": {"z": None, "y": True}}) == (
+        '{"a":[1.5,"x"],"b":1,"c":{"y":true,"z":null}}'
+    )
+    assert canonical_json("é ✓") == '"é ✓"'
+    assert canonical_json((1, 2)) == canonical_json([1, 2]) == "[1,2]"
+
+
+def test_significant_digits():
+    assert SIGNIFICANT_DIGITS == 10
+    assert canonical_json(1 / 3) == "0.3333333333"
+    assert canonical_json(2 / 3) == "0.6666666667"
+    assert canonical_json(123456.789012345) == "123456.789"
+    assert canonical_json(1e20) == "1e+20"
+    assert canonical_json(1 / 3e20) == "3.333333333e-21"
+    assert canonical_json(0.5) == "0.5"
+    assert canonical_json(7.0) == "7.0"
+    # Integers are exact: never rounded.
+    assert canonical_json(12345678901234567) == "12345678901234567"
+    assert round_float(1.23456789012345) == 1.23456789
+    assert round_float(-2.00000000004) == -2.0
+
+
+def test_nested_floats_are_rounded():
+    a = {"x": [0.1 + 0.2, {"y": 1 / 3}], "z": (0.7 * 3,)}
+    b = {"x": [0.3, {"y": 0.3333333333}], "z": [2.1]}
+    assert canonical_json(a) == canonical_json(b) == '{"x":[0.3,{"y":0.3333333333}],"z":[2.1]}'
+    assert key_of(a) == key_of(b)
+
+
+def test_point_one_plus_point_two_is_point_three():
+    assert 0.1 + 0.2 != 0.3
+    assert key_of(0.1 + 0.2) == key_of(0.3)
+    assert key_of({"t": 0.1 + 0.2}) == key_of({"t": 0.3})
+
+
+def test_negative_zero_is_zero():
+    assert canonical_json(-0.0) == "0.0"
+    assert key_of({"angle": -0.0}) == key_of({"angle": 0.0})
+    assert key_of([-0.0, [-0.0]]) == key_of([0.0, [0.0]])
+    assert math.copysign(1.0, round_float(-0.0)) == 1.0
+    # A tiny negative value rounds to itself, not to -0.0 or 0.0.
+    assert round_float(-1e-300) == -1e-300
+
+
+def test_different_values_differ():
+    assert key_of({"t": 0.3}) != key_of({"t": 0.3000001})
+    assert key_of({"a": 1}) != key_of({"b": 1})
+    assert key_of(["a", "b"]) != key_of(["b", "a"])
+    assert key_of("1") != key_of(1)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("wrap", [lambda v: v, lambda v: [1, v], lambda v: {"a": {"b": v}}], ids=["bare", "list", "dict"])
+@pytest.mark.parametrize("normalised", [False, True])
+def test_non_finite_numbers_are_rejected(bad, wrap, normalised):
+    with pytest.raises(ValueError):
+        key_of(wrap(bad), normalised=normalised)
+
+
+def test_round_float_rejects_non_finite():
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="non-finite"):
+            round_float(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [Path("a.png"), {1, 2}, frozenset(), b"bytes", object(), {1: "int key"}, {"a": [Path("x")]}, 1 + 2j],
+    ids=["path", "set", "frozenset", "bytes", "object", "int-key", "nested-path", "complex"],
+)
+def test_non_json_types_raise_type_error(bad):
+    with pytest.raises(TypeError):
+        key_of(bad)
+
+
+def test_bool_stays_bool():
+    assert canonical_json(True) == "true"
+    assert canonical_json({"x": False}) == '{"x":false}'
+    assert key_of(True) != key_of(1)
+    assert key_of(False) != key_of(0)
+    assert key_of({"hold": True}) != key_of({"hold": 1})
+    assert key_of([True]) != key_of([1.0])
+
+
+def test_normalised_text_is_the_same_for_rounded_input():
+    value = {"t": round_float(1 / 7), "s": [round_float(2 / 3), 3, "x", None, True]}
+    assert canonical_json(value) == canonical_json(value, normalised=True)
+    assert key_of(value) == key_of(value, normalised=True)
+
+
+# -- pinned digests ------------------------------------------------------------------------------
+
+
+def test_pinned_digests():
+    assert key_of({"a": 1, "b": [1.5, "x"]}) == "253252306831c7a53e616d2fac19ec1f21555d2c739d3366d5fa6399d3cce7be"
+    assert key_of({"a": 1, "b": [1.5, "x"]}) == hashlib.sha256(b'{"a":1,"b":[1.5,"x"]}').hexdigest()
+    assert key_of({"b": [1.5, "x"], "a": 1}) == key_of({"a": 1, "b": [1.5, "x"]})
+    assert key_of({"prompt": "a dog", "t": 0.25}) == "457ff6d55c7a61849fa0bac8e47ba3fafdc748219ef8b46786a698a337e22776"
+    assert key_of({}) == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    assert key_of("é") == "f2886017e9c7abacf804b54d64787dce2b611c9544ba21f3affdd126a6e50086"
+
+
+def test_file_digest_is_sha256_of_content(tmp_path):
+    f = tmp_path / "init.png"
+    f.write_bytes(b"hello")
+    assert file_digest(str(f)) == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert file_digest(str(f), chunk=2) == file_digest(str(f))
+
+
+PINNED_ENV = RenderEnv(
+    model="tiny",
+    pipeline_class="StableDiffusionPipeline",
+    family="sd",
+    fingerprint={"text_encoder": "te-a", "tokenizer": "tok-a", "unet": "unet-a", "vae": "vae-a"},
+    scheduler_config={"_class_name": "PNDMScheduler", "num_train_timesteps": 1000},
+    device="cpu",
+    dtype="float32",
+    libraries={"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0"},
+)
+PINNED_SCENE = """
+size: [64, 64]
+steps: 4
+guidance: 7.0
+seed: 42
+keyframes:
+  - {frame: 0, prompt: a dog}
+  - {frame: 10, prompt: a cat, curve: ease_in_out_sine}
+"""
+
+
+def test_pinned_frame_and_embedding_keys():
+    p = plan(parse_scene(PINNED_SCENE, "pinned.yaml"), PINNED_ENV)
+    dog = "a75787acc7202f14954c8e9cf928f8ccd2cdb4bd6c6355cafa3241eb4cc043d4"
+    assert p.text(dog) == "a dog"
+    assert canonical_json(p.embeddings[dog]) == (
+        '{"clip_skip":0,"device":"cpu","dtype":"float32","encoders":{"text_encoder":"te-a","tokenizer":"tok-a"},'
+        '"family":"sd","kind":"embedding","learned":[],"libraries":{"torch":"2.4.0","transformers":"4.44.0"},'
+        '"t5":false,"text":"a dog","v":1}'
+    )
+    assert p.base_key == "5a5c070f6644ef691445c301b0b9f28c1cbd0cb9e35a96cd04e5d82dcc7573c1"
+    assert p[0].recipe["cond"] == {"a": [[dog, 1.0]]}
+    assert p[0].key == "518664f65d8f340600aef4f5fd96444077bd90c952a046e1b53dbef820101c94"
+    assert p[5].recipe["cond"]["t"] == 0.5
+    assert p[5].key == "ae39fbfe7c09ebf23e5fc4fa05fc9b6950fcf25e5375fd5872109e819351f6ea"
+
+
+# -- what a frame key depends on -----------------------------------------------------------------
+
+BASE_SCENE = """
+size: [64, 64]
+steps: 4
+guidance: 7.0
+seed: 42
+fps: 12
+negative_prompt: blurry
+keyframes:
+  - {frame: 0, prompt: a dog}
+  - {frame: 4, prompt: a cat}
+outputs:
+  - out.mp4
+  - {path: out.gif, rubber_band: false, loop: 0}
+"""
+IMG2IMG = "mode: img2img\ninit_image: init.png\nstrength: 0.5\n"
+ALL = frozenset(range(5))
+BETWEEN = frozenset({1, 2, 3})
+
+# (id, scene text replacements, env changes, frames whose key must change; empty = none may)
+CASES: list[tuple[str, dict[str, str], dict[str, Any], frozenset[int]]] = [
+    ("prompt-last", {"prompt: a cat": "prompt: a cow"}, {}, frozenset({1, 2, 3, 4})),
+    ("prompt-first", {"prompt: a dog": "prompt: a wolf"}, {}, frozenset({0, 1, 2, 3})),
+    ("negative_prompt", {"blurry": "ugly"}, {}, ALL),
+    ("seed", {"seed: 42": "seed: 43"}, {}, ALL),
+    ("noise-kind", {"seed: 42": "seed: 42\nnoise: per_frame"}, {}, frozenset({1, 2, 3, 4})),
+    ("steps", {"steps: 4": "steps: 5"}, {}, ALL),
+    ("guidance", {"guidance: 7.0": "guidance: 6.5"}, {}, ALL),
+    ("size", {"[64, 64]": "[64, 72]"}, {}, ALL),
+    ("scheduler", {"steps: 4": "steps: 4\nscheduler: ddim"}, {}, ALL),
+    ("clip_skip", {"steps: 4": "steps: 4\nclip_skip: 1"}, {}, ALL),
+    ("interpolation", {"steps: 4": "steps: 4\ninterpolation: lerp"}, {}, BETWEEN),
+    ("keyframe-curve", {"prompt: a cat}": "prompt: a cat, curve: ease_in_quad}"}, {}, BETWEEN),
+    ("scene-curve", {"steps: 4": "steps: 4\ncurve: ease_out_sine"}, {}, BETWEEN),
+    ("unet", {}, {"fingerprint": {"unet": "unet-2"}}, ALL),
+    ("vae", {}, {"fingerprint": {"vae": "vae-2"}}, ALL),
+    ("text_encoder", {}, {"fingerprint": {"text_encoder": "te-2"}}, ALL),
+    ("tokenizer", {}, {"fingerprint": {"tokenizer": "tok-2"}}, ALL),
+    ("pipeline_class", {}, {"pipeline_class": "StableDiffusionImg2ImgPipeline"}, ALL),
+    ("model-scheduler-config", {}, {"scheduler_config": {"beta_schedule": "scaled_linear"}}, ALL),
+    ("device", {}, {"device": "cuda"}, ALL),
+    ("dtype", {}, {"dtype": "float16"}, ALL),
+    ("torch-version", {}, {"libraries": {"torch": "2.5.0"}}, ALL),
+    ("diffusers-version", {}, {"libraries": {"diffusers": "0.31.0"}}, ALL),
+    ("transformers-version", {}, {"libraries": {"transformers": "4.45.0"}}, ALL),
+    ("img2img-init-image", {"steps: 4": "steps: 4\n" + IMG2IMG}, {"files": {"init.png": "init-2"}}, ALL),
+    ("img2img-strength", {"steps: 4": "steps: 4\n" + IMG2IMG, "strength: 0.5": "strength: 0.6"}, {}, ALL),
+    # Output-only settings: never in a frame key.
+    ("fps", {"fps: 12": "fps: 24"}, {}, frozenset()),
+    ("output-path", {"out.mp4": "elsewhere/movie.mp4"}, {}, frozenset()),
+    ("output-format", {"  - out.mp4": "  - frames/"}, {}, frozenset()),
+    ("output-kind", {"{path: out.gif,": "{path: out.gif, kind: mp4,"}, {}, frozenset()),
+    ("rubber_band", {"rubber_band: false": "rubber_band: true"}, {}, frozenset()),
+    ("loop", {"loop: 0": "loop: 3"}, {}, frozenset()),
+    ("output-fps", {"loop: 0": "loop: 0, fps: 30"}, {}, frozenset()),
+    ("no-outputs", {"outputs:\n  - out.mp4\n  - {path: out.gif, rubber_band: false, loop: 0}\n": ""}, {}, frozenset()),
+    ("model-name", {}, {"model": "another/name", "model_kind": "hub"}, frozenset()),
+    ("txt2img-strength", {"steps: 4": "steps: 4\nstrength: 0.2"}, {}, frozenset()),
+    ("txt2img-unused-init-image", {"steps: 4": "steps: 4\ninit_image: init.png"}, {"files": {"init.png": "init-2"}}, frozenset()),
+]
+
+
+def _apply(text: str, replacements: dict[str, str]) -> str:
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def _env(**changes: Any) -> RenderEnv:
+    base: dict[str, Any] = {
+        "model": "tiny",
+        "pipeline_class": "StableDiffusionPipeline",
+        "family": "sd",
+        "fingerprint": {"unet": "unet-1", "vae": "vae-1", "text_encoder": "te-1", "tokenizer": "tok-1"},
+        "scheduler_config": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000},
+        "libraries": {"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0"},
+        "files": {"init.png": "init-1"},
+    }
+    for name, value in changes.items():
+        base[name] = {**base[name], **value} if isinstance(base.get(name), dict) else value
+    return RenderEnv(**base)
+
+
+def _keys(text: str, env: RenderEnv, folder: Path) -> list[str]:
+    (folder / "init.png").write_bytes(b"not really a png")
+    return [j.key for j in plan(parse_scene(text, "s.yaml", base_path=folder / "s.yaml"), env)]
+
+
+@pytest.mark.parametrize(("replacements", "env_changes", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_frame_key_sensitivity(tmp_path, replacements, env_changes, expected):
+    # For scene changes that add img2img, compare against the same img2img scene before the change.
+    base_text = BASE_SCENE
+    if any(IMG2IMG in new for new in replacements.values()):
+        base_text = _apply(BASE_SCENE, {"steps: 4": "steps: 4\n" + IMG2IMG})
+        replacements = {k: v for k, v in replacements.items() if IMG2IMG not in v}
+    if "init_image: init.png" in "".join(replacements.values()):
+        base_text = _apply(base_text, replacements)
+        replacements = {}
+    before = _keys(base_text, _env(), tmp_path)
+    after = _keys(_apply(base_text, replacements), _env(**env_changes), tmp_path)
+    assert len(before) == len(after) == 5
+    changed = {n for n in range(5) if before[n] != after[n]}
+    assert changed == set(expected)
+
+
+def test_every_pixel_relevant_env_field_is_in_the_base(make_env):
+    # The base recipe is what frames share: it must name each fact from the environment.
+    scene = parse_scene(BASE_SCENE, "s.yaml")
+    base = plan(scene, make_env()).base
+    assert base["model"] == make_env().fingerprint
+    assert base["size"] == [64, 64]
+    assert base["steps"] == 4
+    assert base["libraries"] == make_env().libraries
+    assert (base["device"], base["dtype"]) == ("cpu", "float32")
+    assert "fps" not in base and "outputs" not in base

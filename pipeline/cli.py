@@ -27,7 +27,7 @@ from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
 from pipeline.models import RANDOM_WEIGHTS_NOTE, ModelError, resolve_model
 from pipeline.planner import Plan, plan
-from pipeline.scene import Scene, load_scene
+from pipeline.scene import Scene, check_against_model, load_scene
 from pipeline.yamlio import SceneError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +162,9 @@ def render_command(
             env = resolve_env(scene, device=device, ref=ref)
         except ModelError as exc:
             _fail([f"{scene_file}: {exc}"])
+        misfits = check_against_model(scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index)
+        if misfits:
+            _fail([str(m) for m in misfits])
         p = plan(scene, env)
         cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
 

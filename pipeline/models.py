@@ -88,6 +88,15 @@ def family_of(pipeline_class: str) -> str:
     return "sd"
 
 
+def modes_for(pipeline_class: str) -> tuple[str, ...]:
+    """The modes a checkpoint can render: inpainting and depth checkpoints have extra UNet inputs."""
+    if "Depth2Img" in pipeline_class:
+        return ("depth2img",)
+    if "Inpaint" in pipeline_class:
+        return ("inpaint",)
+    return ("txt2img", "img2img", "inpaint", "feedback")
+
+
 def resolve_model(
     spec: str,
     scene_dir: Path,

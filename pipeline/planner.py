@@ -69,6 +69,8 @@ class Plan(Sequence[FrameJob]):
     base_key: str
     # embedding key -> {"text": ..., plus the recipe the key was made from}
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # scene-relative input path -> content hash (mode recipes name inputs by hash)
+    files: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -228,7 +230,7 @@ def _scalar(track: _Track, n: int) -> float:
     a, b, t = track.at(n)
     va = track.values[a]
     if a == b:
-        return float(va)
+        return round_float(float(va))
     return round_float(va + (track.values[b] - va) * t)
 
 
@@ -314,4 +316,4 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
         key = key_of({"base": base_key, "frame": recipe}, normalised=True)
         jobs.append(FrameJob(n, key, recipe))
         prev_key = key
-    return Plan(jobs, base, base_key, emb.table)
+    return Plan(jobs, base, base_key, emb.table, dict(env.files))

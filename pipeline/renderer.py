@@ -1,24 +1,31 @@
-"""The batch renderer: frame jobs in, PNG bytes out, through a diffusers pipeline.
+"""The batch renderer: frame jobs in, PNG bytes out, through diffusers pipelines.
 
 Laid out like a diffusers pipeline, in numbered steps: ``encode_prompts`` (through the embedding
-cache), ``prepare_latents`` (per-frame CPU noise), ``denoise`` (the pipeline's own loop, with
-``prompt_embeds``/``negative_prompt_embeds``/``latents`` passed in) and ``decode``::
+cache), ``prepare_latents`` (per-frame CPU noise), ``denoise`` (the diffusers pipeline of the frame's
+mode, with ``prompt_embeds``/``pooled_prompt_embeds``/``negative_*`` and the noise passed in) and
+``encode_png``::
 
     renderer = FrameRenderer(pipe, scene, plan, cache, device="cpu", dtype="float32")
-    for job, png in renderer.render(jobs, batch_size=4):
-        cache.frames.put(job.key, png)
+    for batch, pngs in renderer.render(jobs, batch_size=4):
+        ...store each png under its job's key...
 
-Frames that share their scalar settings go through the pipeline together. Each frame brings its own
-latent and its own generator, so its pixels do not depend on the batch it lands in.
+Frames that share their scalar settings go through one pipeline call. Each frame brings its own
+noise and its own generator (for ancestral samplers and VAE sampling), so its pixels never depend
+on the batch it lands in. Feedback frames start from the frame before them, so they render in
+waves: every frame whose previous frame exists renders in the next wave.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -29,6 +36,22 @@ from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
 
 DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
+# The diffusers pipeline class for each (family, mode). Mode pipelines share the loaded components.
+PIPELINES: dict[tuple[str, str], str] = {
+    ("sd", "txt2img"): "StableDiffusionPipeline",
+    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd", "feedback"): "StableDiffusionImg2ImgPipeline",
+    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sd", "depth2img"): "StableDiffusionDepth2ImgPipeline",
+    ("sdxl", "txt2img"): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "feedback"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sd3", "txt2img"): "StableDiffusion3Pipeline",
+    ("sd3", "img2img"): "StableDiffusion3Img2ImgPipeline",
+    ("sd3", "feedback"): "StableDiffusion3Img2ImgPipeline",
+    ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
+}
 
 
 def default_batch_size(device: str) -> int:
@@ -46,7 +69,7 @@ def batches(jobs: Sequence[FrameJob], size: int) -> Iterator[list[FrameJob]]:
             yield group[i : i + size]
 
 
-def encode_png(image: Any) -> bytes:
+def encode_png(image: Image.Image) -> bytes:
     """PNG bytes of a PIL image (fast compression: frames are written once and read a few times)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
@@ -54,26 +77,83 @@ def encode_png(image: Any) -> bytes:
 
 
 def configure(pipe: Any, scene: Scene) -> Any:
-    """Apply the scene's sampler and learned weights to a freshly loaded pipeline."""
+    """Apply the scene's sampler, learned embeddings and LoRA files to a freshly loaded pipeline."""
     if scene.scheduler:
         pipe.scheduler = build_scheduler(scene.scheduler, pipe.scheduler.config)
     for emb in scene.embeddings:
         pipe.load_textual_inversion(str(scene.resolve(emb.path)), token=emb.token)
+    denoiser = _denoiser(pipe)
+    for lora in scene.loras:
+        # LoRA weights go into the denoiser only: embeddings are cached apart from any LoRA scale.
+        prefix = "transformer" if hasattr(pipe, "transformer") and pipe.transformer is not None else "unet"
+        denoiser.load_lora_adapter(str(scene.resolve(lora.path)), prefix=prefix, adapter_name=scene.lora_name(lora))
     return pipe
 
 
+def _denoiser(pipe: Any) -> Any:
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+@contextlib.contextmanager
+def injected_noise(pipe: Any, noise: torch.Tensor) -> Iterator[None]:
+    """Make the mode pipeline's ``prepare_latents`` use our per-frame noise instead of drawing its own.
+
+    img2img, inpaint and depth2img pipelines take no ``latents`` argument; they draw their noise
+    once, with ``randn_tensor``, in ``prepare_latents``. For that one call (the latent-shaped
+    draw) we hand back our noise, so seed travel and circle walks work in every mode and a frame's
+    noise never depends on its batch. If diffusers ever stops drawing there, we fail loudly.
+    """
+    module = importlib.import_module(type(pipe).__module__)
+    original = module.randn_tensor
+    used = []
+
+    def draw(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> torch.Tensor:
+        if not used and tuple(shape) == tuple(noise.shape):
+            used.append(True)
+            return noise.to(device=device, dtype=dtype)
+        return original(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+
+    module.randn_tensor = draw
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+    if not used:
+        raise RuntimeError(f"{type(pipe).__name__} drew no latent noise; this diffusers version is not supported")
+
+
+def motion(image: Image.Image, zoom: float, angle: float, tx: float, ty: float) -> Image.Image:
+    """Deforum-style 2D motion: zoom and rotate about the centre, then shift (pixels); edges reflect."""
+    if zoom == 1.0 and angle == 0.0 and tx == 0.0 and ty == 0.0:
+        return image
+    w, h = image.size
+    x = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1)[None] / 255.0
+    a = math.radians(angle)
+    # affine_grid maps output coordinates to input ones, in [-1, 1]: the inverse of the motion.
+    cos, sin = math.cos(a) / zoom, math.sin(a) / zoom
+    theta = torch.tensor([[[cos, -sin * h / w, -2 * tx / w], [sin * w / h, cos, -2 * ty / h]]], dtype=torch.float32)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    arr = (out[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
 class FrameRenderer:
-    """Renders frame jobs of one plan with one loaded pipeline."""
+    """Renders frame jobs of one plan with one loaded pipeline (and its mode siblings)."""
 
     def __init__(self, pipe: Any, scene: Scene, plan: Plan, cache: CacheDir, *, device: str, dtype: str):
         self.pipe = pipe
         self.scene = scene
         self.plan = plan
         self.cache = cache
+        self.family = plan.base["family"]
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.embeddings: dict[str, Entry] = {}
         self.encoded = 0  # embeddings computed this run (the rest came from the cache)
+        self._mode_pipes: dict[str, Any] = {}
+        self._images: dict[str, Image.Image] = {}
+        self._frames: dict[str, Image.Image] = {}  # just-rendered frames a feedback frame may start from
 
     # 1. Prompts -> embeddings, through the embedding cache.
     def encode_prompts(self, keys: Iterable[str]) -> None:
@@ -93,70 +173,175 @@ class FrameRenderer:
     @torch.no_grad()
     def _encode(self, text: str) -> Entry:
         clip_skip = self.scene.clip_skip or None
-        embeds, _ = self.pipe.encode_prompt(
-            text, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=clip_skip
-        )
+        pipe = self.pipe
+        if self.family == "sd":
+            embeds, _ = pipe.encode_prompt(
+                text, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=clip_skip
+            )
+            entry = {"prompt_embeds": embeds}
+        elif self.family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=clip_skip
+            )
+            entry = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=text,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=clip_skip,
+            )
+            entry = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         # Stored as float32 on the CPU: interpolation is done in float32 whatever the device.
-        return {"prompt_embeds": embeds.detach().to("cpu", torch.float32).contiguous()}
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in entry.items()}
 
-    # 2. Per-frame initial latents, made on the CPU.
+    def _negative(self, job: FrameJob) -> Entry:
+        cond = job.recipe["neg"]
+        entry = conditioning(cond, self.embeddings)
+        # SDXL uses zeros, not the encoding of "", for an empty negative prompt (force_zeros_for_empty_prompt).
+        if (
+            self.family == "sdxl"
+            and "b" not in cond
+            and len(cond["a"]) == 1
+            and self.plan.text(cond["a"][0][0]) == ""
+            and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)
+        ):
+            return {k: torch.zeros_like(v) for k, v in entry.items()}
+        return entry
+
+    # 2. Per-frame initial noise, made on the CPU.
     def prepare_latents(self, jobs: Sequence[FrameJob]) -> torch.Tensor:
-        vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        shape = (
-            self.pipe.vae.config.latent_channels,
-            self.scene.height // vae_scale,
-            self.scene.width // vae_scale,
-        )
+        vae = self.pipe.vae
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (vae.config.latent_channels, self.scene.height // scale, self.scene.width // scale)
         latents = torch.stack([noise_for(job.recipe["noise"], shape) for job in jobs])
         return latents.to(self.device, self.dtype)
 
     def _generators(self, jobs: Sequence[FrameJob]) -> list[torch.Generator]:
-        # Per-step noise of ancestral samplers comes from each frame's own generator, seeded from its key.
+        # Per-step noise of ancestral samplers and VAE sampling come from each frame's own generator.
         return [torch.Generator("cpu").manual_seed(int(job.key[:15], 16)) for job in jobs]
 
-    # 3. Denoise with the pipeline's own loop.
-    @torch.no_grad()
-    def denoise(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> torch.Tensor:
-        recipe = jobs[0].recipe  # scalars and mode are equal across a batch
-        cond = torch.cat([conditioning(j.recipe["cond"], self.embeddings)["prompt_embeds"] for j in jobs])
-        kwargs: dict[str, Any] = {}
-        if "neg" in recipe:
-            kwargs["negative_prompt_embeds"] = torch.cat(
-                [conditioning(j.recipe["neg"], self.embeddings)["prompt_embeds"] for j in jobs]
-            ).to(self.device, self.dtype)
-        result = self.pipe(
-            prompt_embeds=cond.to(self.device, self.dtype),
-            latents=latents,
-            num_inference_steps=self.scene.steps,
-            guidance_scale=float(recipe["scalars"]["guidance"]),
-            height=self.scene.height,
-            width=self.scene.width,
-            generator=self._generators(jobs),
-            output_type="latent",
-            **kwargs,
-        )
-        return result.images
+    def _mode_pipe(self, mode: str) -> Any:
+        name = PIPELINES[(self.family, mode)]
+        if type(self.pipe).__name__ == name:
+            return self.pipe
+        if name not in self._mode_pipes:
+            import diffusers
 
-    # 4. Decode latents to images.
+            self._mode_pipes[name] = getattr(diffusers, name).from_pipe(self.pipe)
+            self._mode_pipes[name].set_progress_bar_config(disable=True)
+        return self._mode_pipes[name]
+
+    def _image(self, digest: str, mode: str = "RGB") -> Image.Image:
+        """An input image by content hash, resized to the scene's size."""
+        key = f"{digest}:{mode}"
+        if key not in self._images:
+            rel = next(rel for rel, h in self.plan.files.items() if h == digest)
+            with Image.open(self.scene.resolve(rel)) as im:
+                self._images[key] = im.convert(mode).resize((self.scene.width, self.scene.height), Image.LANCZOS)
+        return self._images[key]
+
+    def _previous(self, job: FrameJob) -> Image.Image | None:
+        prev = job.recipe["mode"].get("prev")
+        if prev is None:
+            return None
+        if prev in self._frames:
+            return self._frames[prev]
+        blob = self.cache.frames.get(prev)
+        if blob is None:
+            raise RuntimeError(f"frame {job.frame - 1} is missing from the cache; feedback frame {job.frame} needs it")
+        return Image.open(io.BytesIO(blob)).convert("RGB")
+
+    # 3. Denoise with the mode's diffusers pipeline (which also decodes with the VAE).
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Any]:
-        vae = self.pipe.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * len(image))
+    def denoise(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> list[Image.Image]:
+        recipe = jobs[0].recipe  # scalars and mode are equal across a batch (see batch_group)
+        scalars, mode = recipe["scalars"], recipe["mode"]
+        conds = [conditioning(j.recipe["cond"], self.embeddings) for j in jobs]
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": self.scene.steps,
+            "guidance_scale": float(scalars["guidance"]),
+            "generator": self._generators(jobs),
+            "output_type": "pil",
+        }
+        for name in conds[0]:
+            kwargs[name] = torch.cat([c[name] for c in conds]).to(self.device, self.dtype)
+        if "neg" in recipe:
+            negs = [self._negative(j) for j in jobs]
+            for name in negs[0]:
+                kwargs[f"negative_{name}"] = torch.cat([n[name] for n in negs]).to(self.device, self.dtype)
+        if "lora" in scalars:
+            names = list(scalars["lora"])
+            _denoiser(self.pipe).set_adapters(names, [float(scalars["lora"][n]) for n in names])
+
+        name = mode["mode"]
+        if name == "feedback":
+            starts = [self._previous(j) for j in jobs]
+            if all(s is None for s in starts) and "init" not in mode:
+                name = "txt2img"  # the first frame of a chain with no init image: nothing to feed back
+            else:
+                fallback = self._image(mode["init"]) if "init" in mode else None
+                moved = []
+                for j, start in zip(jobs, starts, strict=True):
+                    s = j.recipe["scalars"]
+                    base = start if start is not None else fallback
+                    moved.append(motion(base, s["zoom"], s["angle"], s["translate_x"], s["translate_y"]))
+                kwargs["image"] = moved
+                kwargs["strength"] = float(scalars["strength"])
+        elif name in ("img2img", "inpaint", "depth2img"):
+            kwargs["image"] = [self._image(mode["init"])] * len(jobs)
+            kwargs["strength"] = float(scalars["strength"])
+            if name == "inpaint":
+                kwargs["mask_image"] = [self._image(mode["mask"], "L")] * len(jobs)
+            if name == "depth2img" and mode.get("depth", "estimated") != "estimated":
+                depth = torch.from_numpy(__import__("numpy").asarray(self._image(mode["depth"], "L"), dtype="float32") / 255.0)
+                kwargs["depth_map"] = depth[None].repeat(len(jobs), 1, 1)
+        pipe = self._mode_pipe(name)
+        if name == "txt2img":
+            kwargs.update(latents=latents, height=self.scene.height, width=self.scene.width)
+            return pipe(**kwargs).images
+        if name == "inpaint":
+            kwargs.update(height=self.scene.height, width=self.scene.width)
+        with injected_noise(pipe, latents):
+            return pipe(**kwargs).images
 
     def render(self, jobs: Sequence[FrameJob], batch_size: int) -> Iterator[tuple[list[FrameJob], list[bytes]]]:
         """Render ``jobs`` batch by batch; yields each finished batch so it can be stored at once."""
-        needed = set()
+        needed: set[str] = set()
         for job in jobs:
             for part in ("cond", "neg"):
                 cond = job.recipe.get(part)
                 if cond:
                     needed.update(_embedding_keys(cond))
         self.encode_prompts(sorted(needed))
-        for batch in batches(jobs, batch_size):
-            latents = self.denoise(batch, self.prepare_latents(batch))
-            images = self.decode(latents)
-            yield batch, [encode_png(img) for img in images]
+        pending = list(jobs)
+        todo_keys = {j.key for j in jobs}
+        while pending:
+            # A feedback frame waits until the frame before it exists (rendered in an earlier wave).
+            ready = [j for j in pending if j.recipe["mode"].get("prev") not in todo_keys or j.recipe["mode"]["mode"] != "feedback"]
+            pending = [j for j in pending if j not in ready]
+            if not ready:
+                raise RuntimeError("feedback frames wait on each other in a cycle")
+            for batch in batches(ready, batch_size):
+                images = self.denoise(batch, self.prepare_latents(batch))
+                for job, image in zip(batch, images, strict=True):
+                    if job.key in self._feeds:
+                        self._frames[job.key] = image
+                    todo_keys.discard(job.key)
+                yield batch, [encode_png(img) for img in images]
+            # Keep only the frames that a waiting feedback frame still needs.
+            self._frames = {k: v for k, v in self._frames.items() if k in self._feeds_pending(pending)}
+
+    @property
+    def _feeds(self) -> set[str]:
+        return {j.recipe["mode"]["prev"] for j in self.plan if j.recipe["mode"].get("prev")}
+
+    @staticmethod
+    def _feeds_pending(pending: Sequence[FrameJob]) -> set[str]:
+        return {j.recipe["mode"]["prev"] for j in pending if j.recipe["mode"].get("prev")}
 
 
 def _embedding_keys(cond: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ files, names) run on the typed scene. Nothing here imports torch or touches a mo
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -26,10 +27,11 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from pipeline import curves
 from pipeline.schedulers import scheduler_names
-from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml
+from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
@@ -47,13 +49,51 @@ MAX_FRAMES = 1_000_000
 
 class _Strict(BaseModel):
     # strict: YAML already typed every value; "5" is never silently a number and "yes" never a bool.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _text_to_parts(value: Any) -> Any:
     """``prompt: "a dog"`` is shorthand for a blend of one prompt with weight 1."""
     if isinstance(value, str):
         return [{"text": value, "weight": 1.0}]
+    if not isinstance(value, list):
+        raise PydanticCustomError(
+            "prompt_type", "expected text, or a list of {text: ..., weight: ...}, got {got} (put quotes around it to make it text)", {"got": _describe(value)}
+        )
+    return value
+
+
+def _frame_ref(value: Any) -> Any:
+    """A keyframe's frame: a whole number, or seconds like '2.5s'; one clear message otherwise."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and _SECONDS.match(value.strip())):
+        return value
+    raise PydanticCustomError(
+        "frame_ref", "{got} is not a frame; write a whole number like 24 or seconds like 2.5s", {"got": _describe(value)}
+    )
+
+
+def _duration(value: Any) -> Any:
+    if value is None or _parse_duration(value) is not None:
+        return value
+    raise PydanticCustomError(
+        "duration", "{got} is not a duration; write seconds greater than 0 like 10s or 10", {"got": _describe(value)}
+    )
+
+
+def _pair(what: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) != 2:
+            raise PydanticCustomError("pair", f"{what}, got {{n}} values", {"n": len(value)})
+        return value
+
+    return check
+
+
+def _four_corners(value: Any) -> Any:
+    if isinstance(value, list) and len(value) != 4:
+        raise PydanticCustomError(
+            "corners", "a grid needs exactly four corner prompts (top-left, top-right, bottom-left, bottom-right), got {n}", {"n": len(value)}
+        )
     return value
 
 
@@ -77,7 +117,7 @@ Prompt = Annotated[list[PromptPart], BeforeValidator(_text_to_parts), Field(min_
 class Keyframe(_Strict):
     """Values set at one frame. Scalars are eased in with ``curve``; ``hold`` keeps them until the next one."""
 
-    frame: int | str
+    frame: Annotated[int | str, BeforeValidator(_frame_ref)]
     prompt: Prompt | None = None
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
@@ -118,7 +158,7 @@ class Walk(_Strict):
 class Grid(_Strict):
     """A grid between four corner prompts (top-left, top-right, bottom-left, bottom-right)."""
 
-    prompts: list[str] = Field(min_length=4, max_length=4)
+    prompts: Annotated[list[str], BeforeValidator(_four_corners)]
     rows: int = Field(default=8, ge=1, le=1000)
     cols: int = Field(default=8, ge=1, le=1000)
 
@@ -156,12 +196,14 @@ class Scene(_Strict):
     revision: str | None = None
     scheduler: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    size: list[Annotated[int, Field(ge=8, le=8192)]] = Field(default_factory=lambda: [512, 512], min_length=2, max_length=2)
+    size: Annotated[list[Annotated[int, Field(ge=8, le=8192)]], BeforeValidator(_pair("size is [width, height]"))] = Field(
+        default_factory=lambda: [512, 512]
+    )
     steps: int = Field(default=25, ge=1, le=1000)
     guidance: float = Field(default=7.5, ge=0, le=100)
     fps: float = Field(default=12.0, gt=0, le=240)
     frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
-    duration: str | float | None = None
+    duration: Annotated[str | float | None, BeforeValidator(_duration)] = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     negative_prompt: str = ""
     interpolation: Literal["slerp", "lerp"] = "slerp"
@@ -189,6 +231,7 @@ class Scene(_Strict):
     _path: Path = PrivateAttr(default=Path("scene.yaml"))
     _keyframe_frames: list[int] = PrivateAttr(default_factory=list)
     _total_frames: int = PrivateAttr(default=0)
+    _doc: YamlDoc | None = PrivateAttr(default=None)
 
     @property
     def path(self) -> Path:
@@ -244,15 +287,12 @@ def output_kind(out: Output) -> str | None:
     return OUTPUT_KINDS.get(Path(out.path).suffix.lower())
 
 
-def parse_frame_ref(ref: int | str, fps: float) -> int | None:
-    """A keyframe's frame: an int, or seconds like '2.5s' turned into the nearest frame at ``fps``."""
-    if isinstance(ref, bool):
-        return None
+def parse_frame_ref(ref: int | str, fps: float) -> int:
+    """A keyframe's frame (already checked by ``_frame_ref``): an int, or seconds like '2.5s' at ``fps``."""
     if isinstance(ref, int):
         return ref
     m = _SECONDS.match(ref.strip())
-    if not m:
-        return None
+    assert m is not None
     return round(float(m.group(1)) * fps)
 
 
@@ -280,25 +320,89 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SceneError([Problem(shown, 1, 1, f"the scene file is not UTF-8 text ({exc.reason})")]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SceneError([Problem(shown, line, col, f"the scene file is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8")]) from None
     return parse_scene(text, shown, base_path=path, allow_outside_inputs=allow_outside_inputs)
 
 
 def parse_scene(text: str, shown: str, *, base_path: Path | None = None, allow_outside_inputs: bool = False) -> Scene:
-    """Validate scene text; ``shown`` is the file name used in messages."""
-    doc = load_yaml(text, shown)
+    """Validate scene text; ``shown`` is the file name used in messages.
+
+    Every problem is reported in one go: YAML problems that leave the data usable, type problems,
+    and the scene rules (run on the data with the badly typed keys set aside).
+    """
+    doc, problems = load_yaml_lenient(text, shown)
     if not isinstance(doc.data, dict):
         kind = type(doc.data).__name__ if doc.data is not None else "empty"
-        raise SceneError([doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}")])
-    try:
-        scene = Scene.model_validate(doc.data)
-    except ValidationError as exc:
-        raise SceneError([_problem_from_pydantic(doc, err) for err in exc.errors()]) from None
-    scene._path = (base_path or Path(shown)).resolve()
-    problems = _check_rules(scene, doc, allow_outside_inputs=allow_outside_inputs)
+        raise SceneError([*problems, doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}")])
+    scene, type_problems, removed = _validate(doc)
+    problems += type_problems
+    if scene is not None:
+        scene._path = (base_path or Path(shown)).resolve()
+        scene._doc = doc
+        problems += _check_rules(scene, doc, allow_outside_inputs=allow_outside_inputs, removed=removed)
     if problems:
-        raise SceneError(problems)
+        # One problem per place: a rule (or a type check) about a value already reported repeats it.
+        seen: set[tuple[int, int]] = set()
+        unique = []
+        for p in problems:
+            if (p.line, p.col) not in seen:
+                seen.add((p.line, p.col))
+                unique.append(p)
+        raise SceneError(unique)
+    assert scene is not None
     return scene
+
+
+def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any, ...]]]:
+    """Type-check; on errors, set the offending mapping keys aside and retry, so the rules can run too.
+
+    Returns the scene (None if it could not be repaired), the type problems, and the paths set aside.
+    """
+    data = copy.deepcopy(doc.data)
+    problems: list[Problem] = []
+    removed: set[tuple[Any, ...]] = set()
+    for _ in range(8):
+        try:
+            return Scene.model_validate(data), problems, removed
+        except ValidationError as exc:
+            errors = exc.errors()
+        if not problems:
+            problems = [_problem_from_pydantic(doc, err) for err in errors]
+        for err in errors:
+            path = _set_aside(data, _clean_loc(tuple(err["loc"])), err["type"])
+            if path is None:
+                return None, problems, removed
+            removed.add(path)
+    return None, problems, removed
+
+
+def _set_aside(data: Any, loc: tuple[Any, ...], kind: str) -> tuple[Any, ...] | None:
+    """Remove the mapping key holding a bad value (never a list item: positions must not shift)."""
+    if kind == "missing":
+        return None  # a required key cannot be made up
+    # The deepest mapping key on the path: its removal falls back to the default.
+    for depth in range(len(loc), 0, -1):
+        key = loc[depth - 1]
+        if not isinstance(key, str):
+            continue
+        parent = data
+        for step in loc[: depth - 1]:
+            try:
+                parent = parent[step]
+            except (KeyError, IndexError, TypeError):
+                return None
+        if isinstance(parent, dict) and key in parent:
+            del parent[key]
+            return loc[:depth]
+        return None
+    return None
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Union branches and validator wrappers add their names to loc ("frame", "int"); drop them.
+    return tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in ("int", "str", "float", "function-before", "function-after"))))
 
 
 def _kind(name: str) -> str:
@@ -344,6 +448,10 @@ def _where_words(loc: tuple[Any, ...]) -> str:
             parts.append(f"{item[:-1]} {loc[i + 1] + 1}")
             i += 2
             continue
+        if item in ("prompt", "prompts", "size", "seeds") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+            parts.append(f"{item} item {loc[i + 1] + 1}")
+            i += 2
+            continue
         parts.append(str(item))
         i += 1
     return ", ".join(parts)
@@ -379,11 +487,9 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
-    loc = tuple(err["loc"])
     kind = err["type"]
     value = err.get("input")
-    # Union branches add their type name to loc ("frame", "int"); drop them for positions and words.
-    clean = tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in ("int", "str", "float", "function-before"))))
+    clean = _clean_loc(tuple(err["loc"]))
     where = _where_words(clean)
     if kind == "extra_forbidden":
         key = str(clean[-1])
@@ -403,6 +509,8 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
             hint = " (YAML 1.2: only true and false are booleans; yes/no/on/off are text)"
         elif kind in ("int_type", "float_type") and isinstance(value, str) and ":" in value:
             hint = " (values like 1:30 are text, not minutes:seconds)"
+        elif value is None:
+            hint = " (give a value, or remove the key to use the default)"
         elif kind == "string_type" and not isinstance(value, (list, dict)):
             hint = " (put quotes around it to make it text)"
         return doc.problem(clean, f"{where}: expected {want}, got {_describe(value)}{hint}")
@@ -412,6 +520,10 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
     if kind in ("too_short", "too_long"):
         ctx = err.get("ctx", {})
         return doc.problem(clean, f"{where}: {err['msg'].lower()} (got {ctx.get('actual_length')})")
+    if kind in ("frame_ref", "duration", "pair", "corners", "prompt_type"):
+        return doc.problem(clean, f"{where}: {err['msg']}")
+    if kind == "finite_number":
+        return doc.problem(clean, f"{where}: expected a finite number, got {_describe(value)}")
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return doc.problem(clean, f"{where}: {err['msg'].lower()}, got {_describe(value)}")
     return doc.problem(clean, f"{where}: {err['msg']}")
@@ -421,8 +533,15 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
 # The scene rules
 
 
-def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> list[Problem]:
+def _check_rules(
+    scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool, removed: set[tuple[Any, ...]] = frozenset()  # type: ignore[assignment]
+) -> list[Problem]:
     problems: list[Problem] = []
+
+    def gone(*names: str) -> bool:
+        """Was a value of this name set aside as badly typed? Then rules about its absence keep quiet."""
+        return any(path[0] in names or path[-1] in names for path in removed)
+
     add = problems.append
     fps = scene.fps
 
@@ -459,15 +578,13 @@ def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> l
         add(doc.problem(("grid",), "a scene is either a walk or a grid, not both"))
     if sources and scene.keyframes:
         add(doc.problem(("keyframes",), f"a {sources[0]} scene takes no keyframes; its frames come from '{sources[0]}'", key=True))
-    if not sources and not scene.keyframes:
+    if not sources and not scene.keyframes and not gone("keyframes", "walk", "grid"):
         add(doc.problem((), "the scene has no frames: give 'keyframes' (a list with 'frame' and 'prompt'), a 'walk' or a 'grid'"))
 
     declared_total: int | None = scene.frames
     if scene.duration is not None:
-        seconds = _parse_duration(scene.duration)
-        if seconds is None:
-            add(doc.problem(("duration",), f"duration: {_describe(scene.duration)} is not a duration; write seconds like 10s or 10"))
-        elif scene.frames is not None:
+        seconds = _parse_duration(scene.duration) or 0.0  # its form was checked with the types
+        if scene.frames is not None:
             add(doc.problem(("duration",), "give either 'frames' or 'duration', not both"))
         else:
             declared_total = max(1, round(seconds * fps))
@@ -476,11 +593,7 @@ def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> l
     previous: tuple[int, int] | None = None  # (frame, keyframe index)
     for i, kf in enumerate(scene.keyframes):
         at = ("keyframes", i, "frame")
-        n = parse_frame_ref(kf.frame, fps)
-        if n is None:
-            add(doc.problem(at, f"keyframe {i + 1}: frame {_describe(kf.frame)} is not a frame; write a whole number like 24 or seconds like 2.5s"))
-            frames.append(-1)
-            continue
+        n = parse_frame_ref(kf.frame, fps)  # its form was checked with the types
         if n < 0:
             add(doc.problem(at, f"keyframe {i + 1}: frame {n} is negative; frames count from 0"))
         elif declared_total is not None and n >= declared_total:
@@ -494,7 +607,7 @@ def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> l
         if n >= 0 and (previous is None or n > previous[0]):
             previous = (n, i)
 
-    if scene.keyframes and not any(kf.prompt for kf in scene.keyframes):
+    if scene.keyframes and not any(kf.prompt for kf in scene.keyframes) and not gone("prompt"):
         add(doc.problem(("keyframes",), "no keyframe sets a 'prompt'; at least one must", key=True))
 
     if scene.walk is not None:
@@ -509,13 +622,13 @@ def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> l
     # 4. Noise.
     noise = scene.noise
     if noise.kind == "circle":
-        if not noise.seeds or len(noise.seeds) != 2:
+        if (not noise.seeds or len(noise.seeds) != 2) and not gone("seeds"):
             add(doc.problem(("noise",), "noise: a circle walk needs 'seeds: [A, B]', exactly two seeds"))
     elif noise.seeds is not None:
         add(doc.problem(("noise", "seeds"), f"noise: 'seeds' is only for kind circle (kind here is {noise.kind}); use 'seed'"))
     if noise.endpoint and noise.kind != "circle":
         add(doc.problem(("noise", "endpoint"), "noise: 'endpoint' is only for kind circle"))
-    if noise.kind == "travel" and not any(kf.seed is not None for kf in scene.keyframes):
+    if noise.kind == "travel" and not any(kf.seed is not None for kf in scene.keyframes) and not gone("seed"):
         add(doc.problem(("noise",), "noise: kind travel slerps between the seeds of keyframes, but no keyframe sets 'seed'"))
     if noise.kind != "travel":
         for i, kf in enumerate(scene.keyframes):
@@ -523,7 +636,7 @@ def _check_rules(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> l
                 add(doc.problem(("keyframes", i, "seed"), f"keyframe {i + 1}: a keyframe 'seed' needs 'noise: travel' (noise is {noise.kind})", key=True))
 
     # 5. Modes and their inputs; files exist; LoRA names.
-    problems.extend(_check_modes_and_files(scene, doc, allow_outside_inputs=allow_outside_inputs))
+    problems.extend(_check_modes_and_files(scene, doc, frames, gone, allow_outside_inputs=allow_outside_inputs))
     lora_names = {scene.lora_name(lo) for lo in scene.loras}
     for i, kf in enumerate(scene.keyframes):
         for name in (kf.lora or {}):
@@ -582,7 +695,9 @@ def _check_model(scene: Scene) -> str | None:
     )
 
 
-def _check_modes_and_files(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool) -> list[Problem]:
+def _check_modes_and_files(
+    scene: Scene, doc: YamlDoc, frames: list[int], gone: Any, *, allow_outside_inputs: bool
+) -> list[Problem]:
     """Every image a mode needs is given, exists, and stays inside the scene's folder."""
     problems: list[Problem] = []
     base = scene.base_dir.resolve()
@@ -606,27 +721,62 @@ def _check_modes_and_files(scene: Scene, doc: YamlDoc, *, allow_outside_inputs: 
             problems.append(doc.problem(at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"))
 
     # Walk the held values keyframe by keyframe, as the planner will, to check what each mode needs.
+    # A problem is reported where the mode was set (a keyframe's 'mode', or the scene's).
     state = {name: getattr(scene, name) for name in HELD}
-    segments = [((), state.copy())] if not scene.keyframes or scene.keyframe_frames[:1] != [0] else []
+    origin: tuple[Any, ...] = ("mode",)
+    segments = [(origin, state.copy())] if not scene.keyframes or frames[:1] != [0] else []
     for i, kf in enumerate(scene.keyframes):
         for name in HELD:
             value = getattr(kf, name)
             if value is not None:
                 state[name] = value
-        segments.append((("keyframes", i), state.copy()))
+        if kf.mode is not None:
+            origin = ("keyframes", i, "mode")
+        segments.append((origin, state.copy()))
+    if gone(*IMAGE_FIELDS, "mode"):
+        segments = []
     reported: set[tuple[Any, ...]] = set()
     for at, st in segments:
         mode = st["mode"]
         # One report per distinct state: a held mode would otherwise be reported at every keyframe.
-        state_key = (mode, st["init_image"], st["mask"])
+        state_key = (at, mode, st["init_image"], st["mask"])
         if state_key in reported:
             continue
         reported.add(state_key)
-        where = f"keyframe {at[1] + 1}" if at else "the scene"
+        where = f"keyframe {at[1] + 1}" if at[0] == "keyframes" else "the scene"
         if mode in ("img2img", "inpaint", "depth2img") and not st["init_image"]:
-            problems.append(doc.problem(at or ("mode",), f"{where}: mode {mode} needs an 'init_image'"))
+            problems.append(doc.problem(at, f"{where}: mode {mode} needs an 'init_image'"))
         if mode == "inpaint" and not st["mask"]:
-            problems.append(doc.problem(at or ("mode",), f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)"))
+            problems.append(doc.problem(at, f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)"))
     if scene.mode != "txt2img" and (scene.walk is not None or scene.grid is not None) and scene.mode == "feedback":
         problems.append(doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules that need the model (checked once it is resolved, still before anything loads)
+
+
+def check_against_model(scene: Scene, *, pipeline_class: str, family: str, components: dict[str, Any]) -> list[Problem]:
+    """What the scene asks of its model that the model cannot do: modes, learned embeddings, T5."""
+    from pipeline.models import modes_for
+
+    doc = scene._doc or YamlDoc(str(scene.path), None)
+    problems: list[Problem] = []
+    allowed = modes_for(pipeline_class)
+    uses = [(("mode",), scene.mode)] if not scene.keyframes or scene.keyframe_frames[0] != 0 or scene.keyframes[0].mode is None else []
+    uses += [(("keyframes", i, "mode"), kf.mode) for i, kf in enumerate(scene.keyframes) if kf.mode is not None]
+    for at, mode in uses:
+        if mode not in allowed:
+            problems.append(
+                doc.problem(
+                    at,
+                    f"mode {mode} is not possible with model '{scene.model}' ({pipeline_class}); "
+                    f"it renders: {', '.join(allowed)}",
+                )
+            )
+    if scene.embeddings and family != "sd":
+        problems.append(doc.problem(("embeddings",), f"learned embeddings work with SD 1.x/2.x models; '{scene.model}' is {family}", key=True))
+    if scene.t5 and (family != "sd3" or not (components.get("text_encoder_3") or [None])[0]):
+        problems.append(doc.problem(("t5",), f"t5: true needs an SD3 model with a T5 text encoder; '{scene.model}' has none", key=True))
     return problems

@@ -165,29 +165,55 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_yaml(text: str, file: str) -> YamlDoc:
     """Parse ``text`` strictly; raise :class:`SceneError` with every problem found."""
+    doc, problems = load_yaml_lenient(text, file)
+    if problems:
+        raise SceneError(problems)
+    return doc
+
+
+def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
+    """Like :func:`load_yaml`, but returns the data together with the problems that left it usable.
+
+    A duplicate key, an alias or a tag is a problem, but the rest of the file can still be checked
+    (the first value of a duplicate is kept; an alias or tagged value becomes null), so a user sees
+    every problem in one run. A syntax error leaves nothing usable and raises at once.
+    """
     problems: list[tuple[int, int, str]] = []
-    loader = _StrictLoader(text, problems)
     try:
-        root = loader.get_single_node()
+        loader = _StrictLoader(text, problems)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        # An unclosed quote or bracket is found at the end of the file; where it opened is more useful.
+        if exc.context_mark is not None and exc.problem and "end of stream" in str(exc.problem):
+            mark = exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
         raise SceneError([Problem(file, line, col, f"YAML syntax error: {what}")]) from None
-    except yaml.YAMLError as exc:  # reader errors: bad encoding, control characters
+    except yaml.reader.ReaderError as exc:  # control characters and other unprintable input
+        line, col = _line_col(text, exc.position)
+        raise SceneError(
+            [Problem(file, line, col, f"character {exc.character!r} is not allowed in YAML; remove it (control characters are not text)")]
+        ) from None
+    except yaml.YAMLError as exc:
         raise SceneError([Problem(file, 1, 1, f"cannot read YAML: {exc}")]) from None
-    finally:
-        loader.dispose()
 
     doc = YamlDoc(file=file, data=None)
-    if root is None:
+    if root is None or (isinstance(root, ScalarNode) and root.style is None and root.value == ""):
         raise SceneError(
             [Problem(file, 1, 1, "the scene file is empty; a scene is a YAML mapping with at least 'keyframes'")]
         )
     doc.data = _build(root, (), doc, problems)
-    if problems:
-        raise SceneError([Problem(file, ln, col, msg) for ln, col, msg in problems])
-    return doc
+    return doc, [Problem(file, ln, col, msg) for ln, col, msg in problems]
+
+
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    """1-based line and column of a character offset."""
+    before = text[:position]
+    return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
 
 
 def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int, str]]) -> Any:

@@ -17,7 +17,11 @@ ENV_DEFAULTS: dict[str, Any] = {
     "pipeline_class": "StableDiffusionPipeline",
     "family": "sd",
     "fingerprint": {"unet": "unet-1", "vae": "vae-1", "text_encoder": "te-1", "tokenizer": "tok-1"},
-    "scheduler_config": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"},
+    "scheduler_config": {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+    },
     "device": "cpu",
     "dtype": "float32",
     "libraries": {"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0"},

@@ -73,7 +73,9 @@ def test_different_values_differ():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("wrap", [lambda v: v, lambda v: [1, v], lambda v: {"a": {"b": v}}], ids=["bare", "list", "dict"])
+@pytest.mark.parametrize(
+    "wrap", [lambda v: v, lambda v: [1, v], lambda v: {"a": {"b": v}}], ids=["bare", "list", "dict"]
+)
 @pytest.mark.parametrize("normalised", [False, True])
 def test_non_finite_numbers_are_rejected(bad, wrap, normalised):
     with pytest.raises(ValueError):
@@ -115,10 +117,16 @@ def test_normalised_text_is_the_same_for_rounded_input():
 
 
 def test_pinned_digests():
-    assert key_of({"a": 1, "b": [1.5, "x"]}) == "253252306831c7a53e616d2fac19ec1f21555d2c739d3366d5fa6399d3cce7be"
+    assert (
+        key_of({"a": 1, "b": [1.5, "x"]})
+        == "253252306831c7a53e616d2fac19ec1f21555d2c739d3366d5fa6399d3cce7be"
+    )
     assert key_of({"a": 1, "b": [1.5, "x"]}) == hashlib.sha256(b'{"a":1,"b":[1.5,"x"]}').hexdigest()
     assert key_of({"b": [1.5, "x"], "a": 1}) == key_of({"a": 1, "b": [1.5, "x"]})
-    assert key_of({"prompt": "a dog", "t": 0.25}) == "457ff6d55c7a61849fa0bac8e47ba3fafdc748219ef8b46786a698a337e22776"
+    assert (
+        key_of({"prompt": "a dog", "t": 0.25})
+        == "457ff6d55c7a61849fa0bac8e47ba3fafdc748219ef8b46786a698a337e22776"
+    )
     assert key_of({}) == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
     assert key_of("é") == "f2886017e9c7abacf804b54d64787dce2b611c9544ba21f3affdd126a6e50086"
 
@@ -183,50 +191,59 @@ outputs:
   - out.mp4
   - {path: out.gif, rubber_band: false, loop: 0}
 """
+OUTPUTS = "outputs:\n  - out.mp4\n  - {path: out.gif, rubber_band: false, loop: 0}\n"
 IMG2IMG = "mode: img2img\ninit_image: init.png\nstrength: 0.5\n"
 ALL = frozenset(range(5))
 BETWEEN = frozenset({1, 2, 3})
 
-# (id, scene text replacements, env changes, frames whose key must change; empty = none may)
-CASES: list[tuple[str, dict[str, str], dict[str, Any], frozenset[int]]] = [
-    ("prompt-last", {"prompt: a cat": "prompt: a cow"}, {}, frozenset({1, 2, 3, 4})),
-    ("prompt-first", {"prompt: a dog": "prompt: a wolf"}, {}, frozenset({0, 1, 2, 3})),
-    ("negative_prompt", {"blurry": "ugly"}, {}, ALL),
-    ("seed", {"seed: 42": "seed: 43"}, {}, ALL),
-    ("noise-kind", {"seed: 42": "seed: 42\nnoise: per_frame"}, {}, frozenset({1, 2, 3, 4})),
-    ("steps", {"steps: 4": "steps: 5"}, {}, ALL),
-    ("guidance", {"guidance: 7.0": "guidance: 6.5"}, {}, ALL),
-    ("size", {"[64, 64]": "[64, 72]"}, {}, ALL),
-    ("scheduler", {"steps: 4": "steps: 4\nscheduler: ddim"}, {}, ALL),
-    ("clip_skip", {"steps: 4": "steps: 4\nclip_skip: 1"}, {}, ALL),
-    ("interpolation", {"steps: 4": "steps: 4\ninterpolation: lerp"}, {}, BETWEEN),
-    ("keyframe-curve", {"prompt: a cat}": "prompt: a cat, curve: ease_in_quad}"}, {}, BETWEEN),
-    ("scene-curve", {"steps: 4": "steps: 4\ncurve: ease_out_sine"}, {}, BETWEEN),
-    ("unet", {}, {"fingerprint": {"unet": "unet-2"}}, ALL),
-    ("vae", {}, {"fingerprint": {"vae": "vae-2"}}, ALL),
-    ("text_encoder", {}, {"fingerprint": {"text_encoder": "te-2"}}, ALL),
-    ("tokenizer", {}, {"fingerprint": {"tokenizer": "tok-2"}}, ALL),
-    ("pipeline_class", {}, {"pipeline_class": "StableDiffusionImg2ImgPipeline"}, ALL),
-    ("model-scheduler-config", {}, {"scheduler_config": {"beta_schedule": "scaled_linear"}}, ALL),
-    ("device", {}, {"device": "cuda"}, ALL),
-    ("dtype", {}, {"dtype": "float16"}, ALL),
-    ("torch-version", {}, {"libraries": {"torch": "2.5.0"}}, ALL),
-    ("diffusers-version", {}, {"libraries": {"diffusers": "0.31.0"}}, ALL),
-    ("transformers-version", {}, {"libraries": {"transformers": "4.45.0"}}, ALL),
-    ("img2img-init-image", {"steps: 4": "steps: 4\n" + IMG2IMG}, {"files": {"init.png": "init-2"}}, ALL),
-    ("img2img-strength", {"steps: 4": "steps: 4\n" + IMG2IMG, "strength: 0.5": "strength: 0.6"}, {}, ALL),
+# (id, lines added to the scene before and after, scene text replacements, env changes,
+#  frames whose key must change; empty = no key may change)
+CASES: list[tuple[str, str, dict[str, str], dict[str, Any], frozenset[int]]] = [
+    ("prompt-last", "", {"prompt: a cat": "prompt: a cow"}, {}, frozenset({1, 2, 3, 4})),
+    ("prompt-first", "", {"prompt: a dog": "prompt: a wolf"}, {}, frozenset({0, 1, 2, 3})),
+    ("negative_prompt", "", {"blurry": "ugly"}, {}, ALL),
+    ("seed", "", {"seed: 42": "seed: 43"}, {}, ALL),
+    # Frame 0 of per_frame noise is seed 42 + 0: the same latent as fixed seed 42.
+    ("noise-kind", "", {"seed: 42": "seed: 42\nnoise: per_frame"}, {}, frozenset({1, 2, 3, 4})),
+    ("steps", "", {"steps: 4": "steps: 5"}, {}, ALL),
+    ("guidance", "", {"guidance: 7.0": "guidance: 6.5"}, {}, ALL),
+    ("size", "", {"[64, 64]": "[64, 72]"}, {}, ALL),
+    ("scheduler", "", {"steps: 4": "steps: 4\nscheduler: ddim"}, {}, ALL),
+    ("clip_skip", "", {"steps: 4": "steps: 4\nclip_skip: 1"}, {}, ALL),
+    ("interpolation", "", {"steps: 4": "steps: 4\ninterpolation: lerp"}, {}, BETWEEN),
+    ("keyframe-curve", "", {"prompt: a cat}": "prompt: a cat, curve: ease_in_quad}"}, {}, BETWEEN),
+    ("scene-curve", "", {"steps: 4": "steps: 4\ncurve: ease_out_sine"}, {}, BETWEEN),
+    ("unet", "", {}, {"fingerprint": {"unet": "unet-2"}}, ALL),
+    ("vae", "", {}, {"fingerprint": {"vae": "vae-2"}}, ALL),
+    ("text_encoder", "", {}, {"fingerprint": {"text_encoder": "te-2"}}, ALL),
+    ("tokenizer", "", {}, {"fingerprint": {"tokenizer": "tok-2"}}, ALL),
+    ("pipeline_class", "", {}, {"pipeline_class": "StableDiffusionImg2ImgPipeline"}, ALL),
+    ("model-scheduler-config", "", {}, {"scheduler_config": {"beta_schedule": "scaled_linear"}}, ALL),
+    ("device", "", {}, {"device": "cuda"}, ALL),
+    ("dtype", "", {}, {"dtype": "float16"}, ALL),
+    ("torch-version", "", {}, {"libraries": {"torch": "2.5.0"}}, ALL),
+    ("diffusers-version", "", {}, {"libraries": {"diffusers": "0.31.0"}}, ALL),
+    ("transformers-version", "", {}, {"libraries": {"transformers": "4.45.0"}}, ALL),
+    ("img2img-init-image", IMG2IMG, {}, {"files": {"init.png": "init-2"}}, ALL),
+    ("img2img-strength", IMG2IMG, {"strength: 0.5": "strength: 0.6"}, {}, ALL),
     # Output-only settings: never in a frame key.
-    ("fps", {"fps: 12": "fps: 24"}, {}, frozenset()),
-    ("output-path", {"out.mp4": "elsewhere/movie.mp4"}, {}, frozenset()),
-    ("output-format", {"  - out.mp4": "  - frames/"}, {}, frozenset()),
-    ("output-kind", {"{path: out.gif,": "{path: out.gif, kind: mp4,"}, {}, frozenset()),
-    ("rubber_band", {"rubber_band: false": "rubber_band: true"}, {}, frozenset()),
-    ("loop", {"loop: 0": "loop: 3"}, {}, frozenset()),
-    ("output-fps", {"loop: 0": "loop: 0, fps: 30"}, {}, frozenset()),
-    ("no-outputs", {"outputs:\n  - out.mp4\n  - {path: out.gif, rubber_band: false, loop: 0}\n": ""}, {}, frozenset()),
-    ("model-name", {}, {"model": "another/name", "model_kind": "hub"}, frozenset()),
-    ("txt2img-strength", {"steps: 4": "steps: 4\nstrength: 0.2"}, {}, frozenset()),
-    ("txt2img-unused-init-image", {"steps: 4": "steps: 4\ninit_image: init.png"}, {"files": {"init.png": "init-2"}}, frozenset()),
+    ("fps", "", {"fps: 12": "fps: 24"}, {}, frozenset()),
+    ("output-path", "", {"out.mp4": "elsewhere/movie.mp4"}, {}, frozenset()),
+    ("output-format", "", {"  - out.mp4": "  - frames/"}, {}, frozenset()),
+    ("output-kind", "", {"{path: out.gif,": "{path: out.gif, kind: mp4,"}, {}, frozenset()),
+    ("rubber_band", "", {"rubber_band: false": "rubber_band: true"}, {}, frozenset()),
+    ("loop", "", {"loop: 0": "loop: 3"}, {}, frozenset()),
+    ("output-fps", "", {"loop: 0": "loop: 0, fps: 30"}, {}, frozenset()),
+    ("no-outputs", "", {OUTPUTS: ""}, {}, frozenset()),
+    ("model-name", "", {}, {"model": "another/name", "model_kind": "hub"}, frozenset()),
+    ("txt2img-strength", "", {"steps: 4": "steps: 4\nstrength: 0.2"}, {}, frozenset()),
+    (
+        "txt2img-unused-init-image",
+        "init_image: init.png\n",
+        {},
+        {"files": {"init.png": "init-2"}},
+        frozenset(),
+    ),
 ]
 
 
@@ -238,7 +255,7 @@ def _apply(text: str, replacements: dict[str, str]) -> str:
 
 
 def _env(**changes: Any) -> RenderEnv:
-    base: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "model": "tiny",
         "pipeline_class": "StableDiffusionPipeline",
         "family": "sd",
@@ -248,8 +265,9 @@ def _env(**changes: Any) -> RenderEnv:
         "files": {"init.png": "init-1"},
     }
     for name, value in changes.items():
-        base[name] = {**base[name], **value} if isinstance(base.get(name), dict) else value
-    return RenderEnv(**base)
+        # Dict fields change one entry: one component's fingerprint, one library's version.
+        fields[name] = {**fields[name], **value} if isinstance(fields.get(name), dict) else value
+    return RenderEnv(**fields)
 
 
 def _keys(text: str, env: RenderEnv, folder: Path) -> list[str]:
@@ -257,21 +275,14 @@ def _keys(text: str, env: RenderEnv, folder: Path) -> list[str]:
     return [j.key for j in plan(parse_scene(text, "s.yaml", base_path=folder / "s.yaml"), env)]
 
 
-@pytest.mark.parametrize(("replacements", "env_changes", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_frame_key_sensitivity(tmp_path, replacements, env_changes, expected):
-    # For scene changes that add img2img, compare against the same img2img scene before the change.
-    base_text = BASE_SCENE
-    if any(IMG2IMG in new for new in replacements.values()):
-        base_text = _apply(BASE_SCENE, {"steps: 4": "steps: 4\n" + IMG2IMG})
-        replacements = {k: v for k, v in replacements.items() if IMG2IMG not in v}
-    if "init_image: init.png" in "".join(replacements.values()):
-        base_text = _apply(base_text, replacements)
-        replacements = {}
-    before = _keys(base_text, _env(), tmp_path)
-    after = _keys(_apply(base_text, replacements), _env(**env_changes), tmp_path)
+@pytest.mark.parametrize(
+    ("prefix", "replacements", "env_changes", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_frame_key_sensitivity(tmp_path, prefix, replacements, env_changes, expected):
+    before = _keys(prefix + BASE_SCENE, _env(), tmp_path)
+    after = _keys(_apply(prefix + BASE_SCENE, replacements), _env(**env_changes), tmp_path)
     assert len(before) == len(after) == 5
-    changed = {n for n in range(5) if before[n] != after[n]}
-    assert changed == set(expected)
+    assert {n for n in range(5) if before[n] != after[n]} == set(expected)
 
 
 def test_every_pixel_relevant_env_field_is_in_the_base(make_env):

@@ -214,7 +214,14 @@ def test_scalar_tracks_pinned_per_frame(plan_text):
         1.0,
     ]
     # The prompt track ignores keyframe 10: 8 -> 12 is linear over 4 frames.
-    assert [p[n].recipe["cond"].get("t") for n in (8, 9, 10, 11, 12, 13)] == [None, 0.25, 0.5, 0.75, None, None]
+    assert [p[n].recipe["cond"].get("t") for n in (8, 9, 10, 11, 12, 13)] == [
+        None,
+        0.25,
+        0.5,
+        0.75,
+        None,
+        None,
+    ]
     # After the last prompt keyframe, the last prompt.
     assert cond_texts(p, 14) == {"a": [("a fox", 1.0)]}
     # Guidance is 1 from frame 10: the negative branch cannot change pixels.
@@ -264,8 +271,7 @@ def test_strength_is_keyed_only_in_modes_that_use_it(plan_text, make_env, tmp_pa
     d = plan_text(img.replace("STRENGTH", "0.9"), make_env(files=env_files), base_path=tmp_path / "s.yaml")
     assert [j.recipe["scalars"] for j in c] == [{"guidance": 7.5, "strength": 0.3}] * 4
     assert c[0].recipe["mode"] == {"mode": "img2img", "init": "hash-of-init"}
-    assert all(x != y for x, y in zip(keys(c), keys(d)))
-
+    assert all(x != y for x, y in zip(keys(c), keys(d), strict=True))
 
 
 @pytest.mark.parametrize(("guidance", "has_neg"), [(0.0, False), (1.0, False), (1.5, True), (7.5, True)])
@@ -283,7 +289,9 @@ def test_negative_branch_only_above_guidance_1(plan_text, guidance, has_neg):
 
 
 def _noise(plan_text, noise: str, frames: int = 5, extra: str = "") -> list[dict[str, object]]:
-    p = plan_text(f"seed: 10\nnoise: {noise}\nframes: {frames}\nkeyframes:\n  - {{frame: 0, prompt: a dog}}\n{extra}")
+    p = plan_text(
+        f"seed: 10\nnoise: {noise}\nframes: {frames}\nkeyframes:\n  - {{frame: 0, prompt: a dog}}\n{extra}"
+    )
     return [j.recipe["noise"] for j in p]
 
 
@@ -293,7 +301,13 @@ def test_fixed_noise_is_one_seed(plan_text):
 
 
 def test_per_frame_noise_is_seed_plus_frame(plan_text):
-    assert _noise(plan_text, "per_frame") == [{"seed": 10}, {"seed": 11}, {"seed": 12}, {"seed": 13}, {"seed": 14}]
+    assert _noise(plan_text, "per_frame") == [
+        {"seed": 10},
+        {"seed": 11},
+        {"seed": 12},
+        {"seed": 13},
+        {"seed": 14},
+    ]
 
 
 def test_travel_noise_between_keyframe_seeds(plan_text):
@@ -367,8 +381,8 @@ def test_walk_direction_ones_vs_random(plan_text):
     rnd = plan_text("walk: {prompt: a dog, frames: 4, direction: random, direction_seed: 5}")
     rnd6 = plan_text("walk: {prompt: a dog, frames: 4, direction: random, direction_seed: 6}")
     assert rnd[1].recipe["cond"]["walk"] == {"offset": 0.01, "direction": {"random": 5}}
-    assert all(a != b for a, b in zip(keys(ones), keys(rnd)))
-    assert all(a != b for a, b in zip(keys(rnd), keys(rnd6)))
+    assert all(a != b for a, b in zip(keys(ones), keys(rnd), strict=True))
+    assert all(a != b for a, b in zip(keys(rnd), keys(rnd6), strict=True))
     assert ones[1].recipe["cond"]["a"] == rnd[1].recipe["cond"]["a"]
 
 
@@ -465,7 +479,14 @@ def test_feedback_chains_each_frame_to_the_one_before(plan_text):
     assert p[0].recipe["mode"] == {"mode": "feedback", "prev": None}
     for n in range(1, 35):
         assert p[n].recipe["mode"]["prev"] == p[n - 1].key
-    assert set(p[0].recipe["scalars"]) == {"guidance", "strength", "zoom", "angle", "translate_x", "translate_y"}
+    assert set(p[0].recipe["scalars"]) == {
+        "guidance",
+        "strength",
+        "zoom",
+        "angle",
+        "translate_x",
+        "translate_y",
+    }
 
 
 def test_feedback_edit_changes_every_later_frame_and_none_before(plan_text):
@@ -484,8 +505,12 @@ def test_feedback_edit_changes_every_later_frame_and_none_before(plan_text):
 
 
 def test_same_text_same_embedding_key_across_scenes(plan_text):
-    a = plan_text("steps: 5\nseed: 1\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 3, prompt: a cat}\n")
-    b = plan_text("guidance: 3\nframes: 9\nkeyframes:\n  - {frame: 0, prompt: a cow}\n  - {frame: 6, prompt: a dog}\n")
+    a = plan_text(
+        "steps: 5\nseed: 1\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 3, prompt: a cat}\n"
+    )
+    b = plan_text(
+        "guidance: 3\nframes: 9\nkeyframes:\n  - {frame: 0, prompt: a cow}\n  - {frame: 6, prompt: a dog}\n"
+    )
     assert _key_of_text(a, "a dog") == _key_of_text(b, "a dog")
     assert _key_of_text(a, "a cat") != _key_of_text(a, "a dog")
     assert a[0].key != b[6].key  # same prompt, different scene settings
@@ -503,7 +528,7 @@ def test_fingerprints_per_component(plan_text, make_env, component, changes_embe
     assert (set(a.embeddings) != set(b.embeddings)) is changes_embeddings
     if not changes_embeddings:
         assert set(a.embeddings) == set(b.embeddings)
-    assert all(x != y for x, y in zip(keys(a), keys(b)))
+    assert all(x != y for x, y in zip(keys(a), keys(b), strict=True))
 
 
 def test_embedding_table_holds_the_recipe_of_each_key(plan_text):
@@ -592,11 +617,6 @@ def test_every_recipe_float_is_already_rounded(plan_text, name):
         assert key_of(whole) == key_of(whole, normalised=True) == job.key, job.frame
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a scalar that sits on its keyframe (or top-level value) enters the recipe via float() "
-    "without round_float, so the planner's normalised=True fast path keys an unrounded float",
-)
 @pytest.mark.parametrize(
     "scene",
     [
@@ -612,11 +632,6 @@ def test_held_scalars_are_rounded_in_the_recipe(plan_text, scene):
     assert p[0].key == key_of(whole)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: held scalars are not rounded, so values equal at key precision (-0.0/0.0, "
-    "7.1234567890123/7.123456789012) give different frame keys",
-)
 @pytest.mark.parametrize(
     ("a", "b"),
     [("angle: -0.0", "angle: 0.0"), ("guidance: 7.1234567890123", "guidance: 7.123456789012")],
@@ -624,6 +639,18 @@ def test_held_scalars_are_rounded_in_the_recipe(plan_text, scene):
 def test_values_equal_at_key_precision_give_one_key(plan_text, a, b):
     scene = "mode: feedback\nVALUE\nkeyframes:\n  - {frame: 0, prompt: a dog}\n"
     assert plan_text(scene.replace("VALUE", a))[0].key == plan_text(scene.replace("VALUE", b))[0].key
+
+
+def test_held_lora_scale_is_rounded(plan_text, make_env, tmp_path):
+    (tmp_path / "style.safetensors").write_bytes(b"weights")
+    p = plan_text(
+        "loras: [{path: style.safetensors, scale: 0.30000000000000004}]\n"
+        "keyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 2, prompt: a cat, lora: {style: 0.7}}\n",
+        make_env(files={"style.safetensors": "lora-hash"}),
+        base_path=tmp_path / "s.yaml",
+    )
+    assert p[1].recipe["scalars"]["lora"] == {"style": 0.5}  # the in-between frame is fine
+    assert p[0].recipe["scalars"]["lora"] == {"style": 0.3}
 
 
 def test_plan_is_a_sequence_of_jobs(plan_text):

@@ -241,6 +241,10 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
     kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
     if ref.kind == "hub" and ref.revision:
         kwargs["revision"] = ref.revision
+    # A component listed as [null, null] (SD3 without T5) must be passed as None, or diffusers refuses.
+    for name, value in ref.index.items():
+        if not name.startswith("_") and isinstance(value, list) and value[0] is None:
+            kwargs[name] = None
     if ref.family == "sd" and "safety_checker" in ref.index:
         # Frames of an animation are judged by the artist; a blacked-out frame would break the clip.
         kwargs["safety_checker"] = None

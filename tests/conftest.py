@@ -47,3 +47,16 @@ def plan_text(make_env: Callable[..., RenderEnv]) -> Callable[..., Plan]:
         return plan(scene, env or make_env())
 
     return run
+
+
+def run_render(scene: Path, cache: Path, *extra: str) -> dict[str, Any]:
+    """Render ``scene`` through the real CLI in this process; returns its ``--report`` JSON."""
+    import json
+
+    from pipeline.cli import main
+
+    report = scene.parent / "report.json"
+    with pytest.raises(SystemExit) as exc:
+        main([str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra])
+    assert exc.value.code in (0, None), f"render exited with {exc.value.code}"
+    return json.loads(report.read_text())

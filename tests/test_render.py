@@ -7,7 +7,6 @@ real ffmpeg. Scenes are 32x32 pixels with 2 steps so each render takes a second 
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipeline.environment import RenderEnv, resolve_env
 from pipeline.interpolate import noise_for
 from pipeline.planner import plan
 from pipeline.scene import load_scene, parse_scene
+from tests.conftest import run_render as render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,14 +51,6 @@ def write_scene(folder: Path, *, last: str = "a cat in a field", fps: int = 12, 
     path = folder / "scene.yaml"
     path.write_text(text)
     return path
-
-
-def render(scene: Path, cache: Path, *extra: str) -> dict:
-    report = scene.parent / "report.json"
-    with pytest.raises(SystemExit) as exc:
-        main([str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra])
-    assert exc.value.code in (0, None), f"render exited with {exc.value.code}"
-    return json.loads(report.read_text())
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""Make the small input files the example scenes use: an init image, a mask, a depth map and a
-textual-inversion embedding for the embedded ``tiny`` model. Deterministic; nothing is downloaded::
+"""Make the small input files the example scenes use: an init image, a mask, a depth map, a
+textual-inversion embedding and a LoRA for the embedded ``tiny`` model. Deterministic; nothing is
+downloaded::
 
     python tools/make_inputs.py            # writes scenes/inputs/*
 
 The pictures are drawn with Pillow (a landscape of simple shapes), so the project never depends on
 someone else's image. The embedding is a seeded random vector of the tiny text encoder's width,
-saved in the diffusers/A1111 textual-inversion layout ``{"<token>": tensor[1, dim]}``.
+saved in the diffusers/A1111 textual-inversion layout ``{"<token>": tensor[1, dim]}``. The LoRA is
+rank 4 on the tiny UNet's attention projections, with seeded random up-projections (peft's own
+init would make it a no-op), saved with diffusers' ``save_lora_weights`` like a trained one.
 """
 
 from __future__ import annotations
@@ -66,6 +69,25 @@ def learned_embedding(path: Path, token: str, dim: int, seed: int = 0) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
+def lora(folder: Path, name: str) -> None:
+    """A LoRA for the tiny UNet, in the file layout diffusers writes and reads."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "pipeline" / "embedded" / "tiny", subfolder="unet", torch_dtype=torch.float32)
+    torch.manual_seed(0)  # lora_A starts random too
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, param in unet.named_parameters():
+            if "lora_B" in param_name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=name)
+    (folder / name).chmod(0o644)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -76,6 +98,7 @@ def main() -> None:
     depth().save(args.out / "landscape_depth.png", optimize=True)
     tiny_dim = json.loads((ROOT / "pipeline" / "embedded" / "tiny" / "text_encoder" / "config.json").read_text())["hidden_size"]
     learned_embedding(args.out / "tom_tiny.safetensors", "<tom>", tiny_dim)
+    lora(args.out, "style_tiny.safetensors")
     for p in sorted(args.out.iterdir()):
         print(f"{p.relative_to(ROOT)}: {p.stat().st_size} bytes")
 

@@ -242,7 +242,11 @@ def write_clip_tokenizer(folder: Path, bpe: Path, pad_token: str = EOS_TOKEN) ->
 
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     ids = tokenizer("A painting of a flooble").input_ids
-    if len(tokenizer) != CLIP_VOCAB_SIZE or ids != EXPECTED_IDS or tokenizer.pad_token_id != encoder[pad_token]:
+    if (
+        len(tokenizer) != CLIP_VOCAB_SIZE
+        or ids != EXPECTED_IDS
+        or tokenizer.pad_token_id != encoder[pad_token]
+    ):
         raise ValueError(
             f"tokenizer check failed: {len(tokenizer)} tokens, ids {ids}, pad {tokenizer.pad_token_id}"
         )
@@ -274,7 +278,9 @@ def add_clip_text_prefix(weights: Path) -> None:
 OPEN_CLIP_PAD_TOKEN = "!"
 
 
-def clip_text_config(pad_token_id: int = CLIP_EOS_ID, hidden_act: str = "quick_gelu", projection_dim: int = 32):
+def clip_text_config(
+    pad_token_id: int = CLIP_EOS_ID, hidden_act: str = "quick_gelu", projection_dim: int = 32
+):
     """A 2-layer CLIP text encoder of width 32 over the real CLIP vocabulary.
 
     ``hidden_act`` is ``quick_gelu`` for OpenAI's CLIP-L (SD 1.x, SDXL's and SD 3's first
@@ -415,8 +421,18 @@ def save_pipeline(
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def model_card(name: str, pipeline_class: str, intro: str, rows: list[tuple[str, str]], notes: str = "") -> str:
-    """The README.md of an embedded model, in the layout of ``tiny``'s."""
+def model_card(
+    name: str,
+    pipeline_class: str,
+    intro: str,
+    rows: list[tuple[str, str]],
+    notes: str = "",
+    load_kwargs: str = "",
+) -> str:
+    """The README.md of an embedded model, in the layout of ``tiny``'s.
+
+    ``load_kwargs`` is appended to the ``from_pretrained`` call of the usage example.
+    """
     table = "".join(f"| {component} | {what} |\n" for component, what in rows)
     return f"""\
 # `{name}`: an embedded, offline, RANDOM {intro}
@@ -426,7 +442,7 @@ the package, and loads like any downloaded checkpoint:
 
 ```python
 from diffusers import {pipeline_class}
-pipe = {pipeline_class}.from_pretrained("pipeline/embedded/{name}", torch_dtype=torch.float32)
+pipe = {pipeline_class}.from_pretrained("pipeline/embedded/{name}", torch_dtype=torch.float32{load_kwargs})
 ```
 
 **The weights are random** (seeded, reproducible), so the images are noise-like patterns,
@@ -490,10 +506,16 @@ def build_tiny_inpaint(folder: Path, bpe: Path) -> None:
         "StableDiffusionInpaintPipeline",
         "Stable Diffusion 1.x inpainting model",
         [
-            ("mirrors", "`runwayml/stable-diffusion-inpainting` (`stable-diffusion-v1-5/stable-diffusion-inpainting`)"),
+            (
+                "mirrors",
+                "`runwayml/stable-diffusion-inpainting` (`stable-diffusion-v1-5/stable-diffusion-inpainting`)",
+            ),
             ("tokenizer", "the real CLIP tokenizer, padded with `<\\|endoftext\\|>`"),
             ("text_encoder", "`CLIPTextModel`, width 32, 2 layers, 4 heads"),
-            ("unet", "`UNet2DConditionModel` as in `tiny` but with **9 input channels**: 4 latent + 1 mask + 4 masked-image latent"),
+            (
+                "unet",
+                "`UNet2DConditionModel` as in `tiny` but with **9 input channels**: 4 latent + 1 mask + 4 masked-image latent",
+            ),
             ("vae", "`AutoencoderKL`, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 0.18215"),
             ("scheduler", "`PNDMScheduler` with SD 1.5's configuration"),
             ("safety_checker, feature_extractor", "none"),
@@ -582,12 +604,24 @@ def build_tiny_depth(folder: Path, bpe: Path) -> None:
         [
             ("mirrors", "`stabilityai/stable-diffusion-2-depth`"),
             ("tokenizer", "the real CLIP tokenizer, padded with `!` as SD 2's"),
-            ("text_encoder", "`CLIPTextModel`, width 32, 2 layers, 4 heads, GELU (like SD 2's OpenCLIP ViT-H)"),
-            ("unet", "`UNet2DConditionModel` as in `tiny` but with **5 input channels** (4 latent + 1 depth) and linear attention projections"),
+            (
+                "text_encoder",
+                "`CLIPTextModel`, width 32, 2 layers, 4 heads, GELU (like SD 2's OpenCLIP ViT-H)",
+            ),
+            (
+                "unet",
+                "`UNet2DConditionModel` as in `tiny` but with **5 input channels** (4 latent + 1 depth) and linear attention projections",
+            ),
             ("vae", "`AutoencoderKL`, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 0.18215"),
             ("scheduler", "`PNDMScheduler` with SD 2 depth's configuration"),
-            ("depth_estimator", f"`DPTForDepthEstimation`: non-hybrid ViT, width 32, 2 layers, {DPT_IMAGE_SIZE}x{DPT_IMAGE_SIZE} input (SD 2 depth uses DPT-Hybrid MiDaS)"),
-            ("feature_extractor", f"`DPTImageProcessor`, {DPT_IMAGE_SIZE}x{DPT_IMAGE_SIZE}, `keep_aspect_ratio` false, mean = std = 0.5"),
+            (
+                "depth_estimator",
+                f"`DPTForDepthEstimation`: non-hybrid ViT, width 32, 2 layers, {DPT_IMAGE_SIZE}x{DPT_IMAGE_SIZE} input (SD 2 depth uses DPT-Hybrid MiDaS)",
+            ),
+            (
+                "feature_extractor",
+                f"`DPTImageProcessor`, {DPT_IMAGE_SIZE}x{DPT_IMAGE_SIZE}, `keep_aspect_ratio` false, mean = std = 0.5",
+            ),
         ],
         notes=(
             "Call it with `pipe(prompt, image=...)` (the depth is estimated from `image`) or with\n"
@@ -624,7 +658,9 @@ def build_tiny_sdxl(folder: Path, bpe: Path) -> None:
 
     text_encoder = seeded(lambda: CLIPTextModel(clip_text_config()))
     text_encoder_2 = seeded(
-        lambda: CLIPTextModelWithProjection(clip_text_config(pad_token_id=0, hidden_act="gelu", projection_dim=32))
+        lambda: CLIPTextModelWithProjection(
+            clip_text_config(pad_token_id=0, hidden_act="gelu", projection_dim=32)
+        )
     )
     cross_attention_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
     unet = seeded(
@@ -655,7 +691,9 @@ def build_tiny_sdxl(folder: Path, bpe: Path) -> None:
         steps_offset=1,
     )
     # Keys of SDXL's scheduler_config.json that Euler ignores (as tiny's clip_sample).
-    scheduler.register_to_config(clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True)
+    scheduler.register_to_config(
+        clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True
+    )
     readme = model_card(
         "tiny-sdxl",
         "StableDiffusionXLPipeline",
@@ -665,9 +703,18 @@ def build_tiny_sdxl(folder: Path, bpe: Path) -> None:
             ("tokenizer", "the real CLIP tokenizer, padded with `<\\|endoftext\\|>`"),
             ("tokenizer_2", "the real CLIP tokenizer, padded with `!` (id 0) as SDXL's"),
             ("text_encoder", "`CLIPTextModel`, width 32, 2 layers, 4 heads (CLIP-L stand-in)"),
-            ("text_encoder_2", "`CLIPTextModelWithProjection`, width 32, projection 32, GELU (OpenCLIP bigG stand-in)"),
-            ("unet", f"`UNet2DConditionModel`, channels (32, 64), cross-attention width {cross_attention_dim} (both encoders' penultimate hidden states, concatenated), `addition_embed_type` `text_time`: pooled embedding (32) + 6 time ids x {SDXL_TIME_EMBED_DIM}"),
-            ("vae", "`AutoencoderKL`, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 0.13025 as SDXL's"),
+            (
+                "text_encoder_2",
+                "`CLIPTextModelWithProjection`, width 32, projection 32, GELU (OpenCLIP bigG stand-in)",
+            ),
+            (
+                "unet",
+                f"`UNet2DConditionModel`, channels (32, 64), cross-attention width {cross_attention_dim} (both encoders' penultimate hidden states, concatenated), `addition_embed_type` `text_time`: pooled embedding (32) + 6 time ids x {SDXL_TIME_EMBED_DIM}",
+            ),
+            (
+                "vae",
+                "`AutoencoderKL`, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 0.13025 as SDXL's",
+            ),
             ("scheduler", "`EulerDiscreteScheduler` with SDXL base's configuration"),
             ("image_encoder, feature_extractor", "none"),
         ],
@@ -700,13 +747,18 @@ SD3_JOINT_ATTENTION_DIM = 128
 
 def build_tiny_sd3(folder: Path, bpe: Path) -> None:
     """An SD 3 (Medium, without T5) architecture pipeline: MMDiT, two CLIPs, 16-channel VAE."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     text_encoder = seeded(lambda: CLIPTextModelWithProjection(clip_text_config(projection_dim=32)))
     text_encoder_2 = seeded(
-        lambda: CLIPTextModelWithProjection(clip_text_config(pad_token_id=0, hidden_act="gelu", projection_dim=32))
+        lambda: CLIPTextModelWithProjection(
+            clip_text_config(pad_token_id=0, hidden_act="gelu", projection_dim=32)
+        )
     )
     pooled_dim = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
     transformer = seeded(
@@ -740,14 +792,29 @@ def build_tiny_sd3(folder: Path, bpe: Path) -> None:
         "StableDiffusion3Pipeline",
         "Stable Diffusion 3 model (without T5)",
         [
-            ("mirrors", "`stabilityai/stable-diffusion-3-medium-diffusers` loaded with `text_encoder_3=None, tokenizer_3=None`"),
+            (
+                "mirrors",
+                "`stabilityai/stable-diffusion-3-medium-diffusers` loaded with `text_encoder_3=None, tokenizer_3=None`",
+            ),
             ("tokenizer", "the real CLIP tokenizer, padded with `<\\|endoftext\\|>`"),
             ("tokenizer_2", "the real CLIP tokenizer, padded with `!` (id 0) as SD 3's"),
-            ("text_encoder", "`CLIPTextModelWithProjection`, width 32, projection 32, 2 layers (CLIP-L stand-in)"),
-            ("text_encoder_2", "`CLIPTextModelWithProjection`, width 32, projection 32, GELU (CLIP-G stand-in)"),
+            (
+                "text_encoder",
+                "`CLIPTextModelWithProjection`, width 32, projection 32, 2 layers (CLIP-L stand-in)",
+            ),
+            (
+                "text_encoder_2",
+                "`CLIPTextModelWithProjection`, width 32, projection 32, GELU (CLIP-G stand-in)",
+            ),
             ("text_encoder_3, tokenizer_3", "none (T5 omitted: the pipeline uses zeros in its place)"),
-            ("transformer", f"`SD3Transformer2DModel`, 2 layers, 4 heads of 8, patch 2, `joint_attention_dim` {SD3_JOINT_ATTENTION_DIM}, pooled projection {pooled_dim}"),
-            ("vae", "`AutoencoderKL`, 16 latent channels, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 1.5305, `shift_factor` 0.0609"),
+            (
+                "transformer",
+                f"`SD3Transformer2DModel`, 2 layers, 4 heads of 8, patch 2, `joint_attention_dim` {SD3_JOINT_ATTENTION_DIM}, pooled projection {pooled_dim}",
+            ),
+            (
+                "vae",
+                "`AutoencoderKL`, 16 latent channels, four blocks (8, 16, 32, 32): factor 8, `scaling_factor` 1.5305, `shift_factor` 0.0609",
+            ),
             ("scheduler", "`FlowMatchEulerDiscreteScheduler`, shift 3.0"),
         ],
         notes=(
@@ -757,7 +824,11 @@ def build_tiny_sd3(folder: Path, bpe: Path) -> None:
             f"{SD3_JOINT_ATTENTION_DIM}, followed by\n"
             "`max_sequence_length` (256) zero rows where T5's embeddings would be; and "
             f"`pooled_prompt_embeds` of shape `(batch, {pooled_dim})`.\n\n"
+            "`text_encoder_3=None, tokenizer_3=None` must be passed to `from_pretrained`, as for the\n"
+            "real SD 3 without T5: diffusers refuses to load a pipeline whose non-optional component\n"
+            "is `null` in `model_index.json` unless it is passed explicitly.\n\n"
         ),
+        load_kwargs=", text_encoder_3=None, tokenizer_3=None",
     )
     save_pipeline(
         folder,
@@ -783,7 +854,10 @@ def check_image(size: int = 64):
     from PIL import Image
 
     ramp = np.linspace(0, 255, size, dtype=np.float64)
-    rgb = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), 255 - ramp[None, :].repeat(size, 0)], -1)
+    rgb = np.stack(
+        [ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), 255 - ramp[None, :].repeat(size, 0)],
+        -1,
+    )
     return Image.fromarray(rgb.astype(np.uint8))
 
 

@@ -1,0 +1,164 @@
+"""Render throughput: our batched renderer against the naive loop of peer tools, same model, same run.
+
+Scene: a 2-keyframe prompt morph (linear slerp, ``noise: fixed`` seed 42, guidance 7, empty negative
+prompt), tiny model, 8 steps, N frames (32; 16 with ``--quick``), at 64x64 and 256x256, float32 on CPU.
+
+- naive: ONE frame per pipeline call, prompts RE-ENCODED for every frame: ``pipe.encode_prompt`` of
+  both keyframe prompts and of the negative prompt, ``slerp``, then ``pipe(prompt_embeds=...,
+  negative_prompt_embeds=..., latents=..., num_inference_steps=8, guidance_scale=7, height, width)``,
+  and the frame encoded to PNG (peer tools save every frame too).
+- ours: ``FrameRenderer.render(jobs, batch_size)`` driven exactly as ``pipeline/run.py`` does (each
+  finished batch's PNGs put into the frame cache), from an EMPTY temporary cache dir (so the two
+  prompt embeddings and the negative one are encoded once and stored), batch sizes 1, 4 and 8.
+- ours, warm: the same plan re-run against that now full cache the way ``pipeline.run.run`` does
+  it (``plan`` + ``cache.frames.present`` + ``run(..., targets=[])``): 0 frames rendered, no outputs.
+
+The pipeline is loaded ONCE per size, outside every timing (model load is excluded from both naive
+and ours; its time is printed apart), and one untimed warm-up call is made first. Each round runs
+naive, ours b=1, b=4, b=8 (and warm) back to back; the table shows the median over the rounds
+(3; 1 with ``--quick``) of frames per second, and ours/naive as the ratio of those medians. The last
+column is the max absolute pixel difference between ours and naive on the last frame (a check that
+both render the same thing).
+
+Torch runs with ONE intra-op thread (``--threads N`` to change; see ``_common.threads``): on the
+shared 2-core machine the default two OpenMP threads made single calls swing from 0.06 s to 18 s.
+
+    /work/venv/bin/python bench/render_throughput.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import io
+
+import _common as c
+import numpy as np
+
+SCENE = """\
+model: tiny
+size: [{size}, {size}]
+steps: {steps}
+guidance: 7.0
+seed: 42
+noise: fixed
+interpolation: slerp
+keyframes:
+  - frame: 0
+    prompt: "{a}"
+  - frame: {last}
+    prompt: "{b}"
+"""
+A = "A cute dog in a beautiful field of lavender flowers, perfect lighting, film grain"
+B = "A cute cat in a beautiful field of lavender flowers, perfect lighting, film grain"
+STEPS = 8
+BATCHES = (1, 4, 8)
+
+
+def naive(pipe, torch, slerp, encode_png, n: int, size: int) -> list[bytes]:
+    """The peer-tool loop: everything recomputed for every frame, one frame per call."""
+    pngs = []
+    for i in range(n):
+        t = i / (n - 1)
+        with torch.no_grad():
+            ea, _ = pipe.encode_prompt(A, "cpu", 1, False)
+            eb, _ = pipe.encode_prompt(B, "cpu", 1, False)
+            en, _ = pipe.encode_prompt("", "cpu", 1, False)
+        gen = torch.Generator("cpu").manual_seed(42)
+        latents = torch.randn((1, 4, size // 8, size // 8), generator=gen, dtype=torch.float32)
+        image = pipe(
+            prompt_embeds=slerp(ea, eb, t),
+            negative_prompt_embeds=en,
+            latents=latents,
+            num_inference_steps=STEPS,
+            guidance_scale=7.0,
+            height=size,
+            width=size,
+        ).images[0]
+        pngs.append(encode_png(image))
+    return pngs
+
+
+def ours(pipe, scene, env, cache_dir, batch: int) -> list[bytes]:
+    """FrameRenderer from an empty cache, each batch stored as run.py stores it."""
+    from pipeline.cache import CacheDir
+    from pipeline.planner import plan
+    from pipeline.renderer import FrameRenderer
+
+    p = plan(scene, env)
+    with CacheDir(cache_dir) as cache:
+        renderer = FrameRenderer(pipe, scene, p, cache, device=env.device, dtype=env.dtype)
+        for jobs, pngs in renderer.render(list(p), batch):
+            for job, png in zip(jobs, pngs, strict=True):
+                cache.frames.put(job.key, png)
+        assert renderer.encoded == 3, renderer.encoded  # two prompts and the negative, once each
+        return [cache.frames.get(j.key) for j in p]
+
+
+def warm(scene, env, ref, cache_dir) -> int:
+    """A re-run against a full cache, as pipeline.run.run does it; returns frames rendered."""
+    from pipeline.cache import CacheDir
+    from pipeline.planner import plan
+    from pipeline.run import run
+
+    p = plan(scene, env)
+    with CacheDir(cache_dir) as cache:
+        cached = cache.frames.present([j.key for j in p])
+        return int(run(scene, env, ref, p, cache, cached, [], batch_size=8, quiet=True)["rendered"])
+
+
+def pixels(png: bytes):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def main() -> None:
+    n = 16 if c.quick() else 32
+    rounds = 1 if c.quick() else 3
+    c.threads()
+    c.header(f"render_throughput: {n} frames, {STEPS} steps, tiny model, CPU float32, {rounds} round(s)")
+    import torch
+
+    c.threads()
+    from pipeline.environment import resolve_env
+    from pipeline.interpolate import slerp
+    from pipeline.models import load_pipeline
+    from pipeline.renderer import configure, encode_png
+    from pipeline.scene import load_scene
+
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    with c.workdir() as d:
+        for size in (64, 256):
+            path = c.write_scene(d / f"s{size}", SCENE.format(size=size, steps=STEPS, last=n - 1, a=A, b=B))
+            scene = load_scene(path)
+            env = resolve_env(scene, device="cpu")
+            from pipeline.models import resolve_model
+
+            ref = resolve_model(scene.model, scene.base_dir)
+            t_load, pipe = c.timed(lambda: configure(load_pipeline(ref, device="cpu", dtype="float32"), scene))
+            print(f"# {size}x{size}: model load {t_load:.2f} s (excluded from every timing below)")
+            naive(pipe, torch, slerp, encode_png, 2, size)  # untimed warm-up
+            fps: dict[str, list[float]] = {}
+            diff: dict[str, int] = {}
+            for r in range(rounds):
+                t, ref_pngs = c.timed(lambda: naive(pipe, torch, slerp, encode_png, n, size))
+                fps.setdefault("naive (1 frame/call, re-encode)", []).append(n / t)
+                for b in BATCHES:
+                    cache_dir = d / f"cache-{size}-{b}-{r}"
+                    t, pngs = c.timed(lambda: ours(pipe, scene, env, cache_dir, b))
+                    name = f"ours, cold, batch {b}"
+                    fps.setdefault(name, []).append(n / t)
+                    diff[name] = int(np.abs(pixels(pngs[-1]) - pixels(ref_pngs[-1])).max())
+                    if b == BATCHES[-1]:
+                        t, rendered = c.timed(lambda: warm(scene, env, ref, cache_dir))
+                        assert rendered == 0, rendered
+                        fps.setdefault("ours, warm re-run (0 rendered)", []).append(n / t)
+            base = c.median(fps["naive (1 frame/call, re-encode)"])
+            for name, xs in fps.items():
+                med = c.median(xs)
+                rows.append((f"{size}x{size}", name, med, n / med, med / base, diff.get(name, "-")))
+    c.table(["size", "renderer", "frames/s (median)", f"s per {n} frames", "ours/naive", "max px diff"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Every example scene in scenes/ renders offline on CPU with the embedded models.
+
+Each scene is rendered as written except with 2 steps (the size is already tiny), into a temporary
+folder. The test checks every output's frame count and pins a few pixels of the first and last frame.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.assemble import rubber_band
+from pipeline.cache import CacheDir
+from pipeline.environment import resolve_env
+from pipeline.planner import plan
+from pipeline.scene import load_scene, output_kind
+from tests.conftest import run_render
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENES = sorted((ROOT / "scenes").glob("*.yaml"))
+
+# (frame 0 at (0, 0), frame 0 at the centre, last frame at the centre), RGB, from a CPU float32 render.
+PINNED: dict[str, list[list[int]]] = {
+    "cows_circle": [[125, 154, 150], [89, 152, 73], [88, 137, 80]],
+    "depth2img": [[115, 151, 146], [173, 69, 105], [128, 142, 137]],
+    "dog_cat": [[124, 151, 142], [98, 102, 158], [99, 106, 152]],
+    "feedback_zoom": [[121, 155, 145], [141, 45, 81], [146, 0, 4]],
+    "grid_fixed": [[122, 152, 141], [100, 124, 131], [105, 135, 125]],
+    "grid_varying": [[122, 152, 141], [100, 124, 131], [205, 196, 255]],
+    "img2img": [[120, 153, 132], [87, 30, 132], [206, 51, 0]],
+    "inpaint": [[116, 146, 145], [176, 162, 204], [182, 153, 216]],
+    "learned_embedding": [[120, 147, 139], [115, 0, 0], [104, 0, 0]],
+    "lora_style": [[121, 153, 147], [134, 102, 129], [134, 102, 129]],
+    "sd3_dog_cat": [[128, 134, 134], [146, 106, 118], [144, 109, 122]],
+    "sdxl_morph": [[119, 152, 141], [230, 122, 101], [237, 123, 103]],
+    "seed_travel": [[122, 154, 147], [120, 62, 143], [126, 94, 127]],
+    "walk": [[123, 151, 141], [96, 116, 145], [82, 112, 149]],
+}
+
+
+def _copy(scene: Path, folder: Path) -> Path:
+    shutil.copytree(ROOT / "scenes" / "inputs", folder / "inputs")
+    text = re.sub(r"^steps: \d+", "steps: 2", scene.read_text(), flags=re.M)
+    path = folder / scene.name
+    path.write_text(text)
+    return path
+
+
+def _frames_in(kind: str, path: Path) -> int:
+    if kind == "gif":
+        return Image.open(path).n_frames
+    if kind == "mp4":
+        return iio.get_reader(path).count_frames()
+    if kind == "frames":
+        return len(list(path.glob("frame_*.png")))
+    raise AssertionError(kind)
+
+
+def test_every_seed_example_has_a_scene() -> None:
+    names = {p.stem for p in SCENES}
+    needed = {"dog_cat", "grid_fixed", "grid_varying", "walk", "cows_circle", "img2img", "inpaint", "depth2img", "sd3_dog_cat", "learned_embedding"}
+    assert needed <= names
+    for scene in SCENES:
+        assert scene.read_text().startswith(f"# {scene.name}:"), f"{scene.name} needs a comment header saying what it shows"
+
+
+@pytest.mark.parametrize("scene", SCENES, ids=[p.stem for p in SCENES])
+def test_example_renders_with_exact_frame_counts(scene: Path, tmp_path: Path) -> None:
+    path = _copy(scene, tmp_path)
+    report = run_render(path, tmp_path / "cache", "--device", "cpu")
+    parsed = load_scene(path)
+    n = parsed.total_frames
+    assert report["frames"] == n and report["rendered"] == n
+    out_dir = tmp_path / "renders" / scene.stem
+    for out in parsed.effective_outputs():
+        kind = output_kind(out)
+        target = out_dir / out.path
+        assert target.exists(), target
+        if kind == "grid":
+            cols = out.cols or (parsed.grid.cols if parsed.grid else 1)
+            rows = -(-n // cols)
+            assert Image.open(target).size == (cols * parsed.width, rows * parsed.height)
+            continue
+        expected = len(rubber_band(range(n))) if out.rubber_band else n
+        assert _frames_in(kind, target) == expected, out.path
+
+    jobs = plan(parsed, resolve_env(parsed, device="cpu"))
+    with CacheDir(tmp_path / "cache") as cache:
+        first = np.asarray(Image.open(io.BytesIO(cache.frames.get(jobs[0].key))).convert("RGB"), dtype=int)
+        last = np.asarray(Image.open(io.BytesIO(cache.frames.get(jobs[-1].key))).convert("RGB"), dtype=int)
+    cy, cx = parsed.height // 2, parsed.width // 2
+    got = [first[0, 0].tolist(), first[cy, cx].tolist(), last[cy, cx].tolist()]
+    expected_pixels = PINNED.get(scene.stem)
+    assert expected_pixels is not None, f"pin {scene.stem}: {got}"
+    assert np.abs(np.array(got) - np.array(expected_pixels)).max() <= 2, got

@@ -1,0 +1,207 @@
+"""Pipeline modes with the embedded models: exact incremental re-renders for img2img, feedback and LoRA,
+2D motion, batch invariance, and a checkpoint saved to a folder rendering by path."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cache import CacheDir
+from pipeline.environment import resolve_env
+from pipeline.models import load_pipeline, resolve_model
+from pipeline.planner import plan
+from pipeline.renderer import FrameRenderer, configure, motion
+from pipeline.scene import load_scene
+from tests.conftest import run_render
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUTS = ROOT / "scenes" / "inputs"
+
+
+def scene_in(folder: Path, text: str, name: str = "scene.yaml") -> Path:
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    for f in INPUTS.iterdir():
+        shutil.copy(f, folder / "inputs" / f.name)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+IMG2IMG = """
+model: tiny
+size: [32, 32]
+steps: 4
+seed: 3
+mode: img2img
+init_image: inputs/landscape.png
+keyframes:
+  - {{frame: 0, prompt: a house, strength: {s0}}}
+  - {{frame: 5, prompt: a house in snow, strength: 0.6}}
+  - {{frame: 9, prompt: a house at night, strength: 0.8}}
+outputs: [out.gif]
+"""
+
+
+def test_img2img_edit_of_init_image_content_with_same_mtime_rerenders(tmp_path: Path) -> None:
+    scene = scene_in(tmp_path, IMG2IMG.format(s0=0.4))
+    first = run_render(scene, tmp_path / "cache")
+    assert first["rendered"] == 10
+    init = tmp_path / "inputs" / "landscape.png"
+    stat = init.stat()
+    img = Image.open(init).convert("RGB")
+    img.putpixel((5, 5), (0, 0, 0))
+    img.save(init)
+    os.utime(init, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, same mtime, new content
+    assert init.stat().st_mtime_ns == stat.st_mtime_ns
+    again = run_render(scene, tmp_path / "cache")
+    assert again["rendered"] == 10
+
+
+def test_img2img_strength_at_one_keyframe_rerenders_only_its_segments(tmp_path: Path) -> None:
+    scene = scene_in(tmp_path, IMG2IMG.format(s0=0.4))
+    run_render(scene, tmp_path / "cache")
+    scene.write_text(IMG2IMG.format(s0=0.2))
+    again = run_render(scene, tmp_path / "cache")
+    # Keyframe 0's strength shapes frames 0..4 (frame 5 sits on the next keyframe); nothing else.
+    assert (again["rendered"], again["cached"]) == (5, 5)
+
+
+FEEDBACK = """
+model: tiny
+size: [32, 32]
+steps: 3
+seed: 1
+noise: per_frame
+mode: feedback
+init_image: inputs/landscape.png
+strength: 0.5
+zoom: 1.05
+keyframes:
+  - {{frame: 0, prompt: a castle}}
+  - {{frame: 6, prompt: "{mid}"}}
+  - {{frame: 11, prompt: a castle in clouds}}
+outputs: [out.mp4]
+"""
+
+
+def test_feedback_edit_at_frame_k_rerenders_k_and_after_only(tmp_path: Path) -> None:
+    scene = scene_in(tmp_path, FEEDBACK.format(mid="a castle at dusk"))
+    first = run_render(scene, tmp_path / "cache", "--batch-size", "4")
+    assert first["rendered"] == 12
+    scene.write_text(FEEDBACK.format(mid="a castle at dawn"))
+    again = run_render(scene, tmp_path / "cache")
+    # The mid prompt changes frames 1..11 directly; frame 0 (on keyframe 0) does not depend on it.
+    assert (again["rendered"], again["cached"]) == (11, 1)
+    # An edit that only changes frame 11's recipe (the last keyframe) re-renders just the chain's tail.
+    scene.write_text(FEEDBACK.format(mid="a castle at dawn").replace("a castle in clouds", "a castle in rain"))
+    tail = run_render(scene, tmp_path / "cache")
+    assert (tail["rendered"], tail["cached"]) == (5, 7)
+
+
+def test_feedback_frames_equal_a_one_by_one_render(tmp_path: Path) -> None:
+    """A chain renders in waves; batching across waves must not change what a frame starts from."""
+    scene = scene_in(tmp_path, FEEDBACK.format(mid="a castle at dusk"))
+    run_render(scene, tmp_path / "c1", "--batch-size", "8")
+    run_render(scene, tmp_path / "c2", "--batch-size", "1")
+    parsed = load_scene(scene)
+    jobs = plan(parsed, resolve_env(parsed, device="cpu"))
+    with CacheDir(tmp_path / "c1") as a, CacheDir(tmp_path / "c2") as b:
+        for job in jobs:
+            pa = np.asarray(Image.open(io.BytesIO(a.frames.get(job.key))), dtype=int)
+            pb = np.asarray(Image.open(io.BytesIO(b.frames.get(job.key))), dtype=int)
+            assert np.abs(pa - pb).max() <= 2, job.frame
+
+
+LORA = """
+model: tiny
+size: [32, 32]
+steps: 2
+seed: 9
+loras:
+  - {{path: inputs/style_tiny.safetensors, name: style, scale: 0.0}}
+keyframes:
+  - {{frame: 0, prompt: a knight}}
+  - {{frame: 4, lora: {{style: {mid}}}}}
+  - {{frame: 7, lora: {{style: 0.0}}}}
+outputs: [out.gif]
+"""
+
+
+def test_lora_scale_keyframe_rerenders_only_frames_it_reaches(tmp_path: Path) -> None:
+    scene = scene_in(tmp_path, LORA.format(mid=1.0))
+    first = run_render(scene, tmp_path / "cache")
+    assert first["rendered"] == 8
+    scene.write_text(LORA.format(mid=0.6))  # 0.5 would reuse frames: 0.25 and 0.5 were rendered already
+    again = run_render(scene, tmp_path / "cache")
+    # Frames 1..6 lie between the keyframes around frame 4; frames 0 and 7 keep scale 0.
+    assert (again["rendered"], again["cached"]) == (6, 2)
+
+
+def test_lora_changes_pixels(tmp_path: Path) -> None:
+    scene = scene_in(tmp_path, LORA.format(mid=1.0))
+    run_render(scene, tmp_path / "cache")
+    parsed = load_scene(scene)
+    jobs = plan(parsed, resolve_env(parsed, device="cpu"))
+    with CacheDir(tmp_path / "cache") as cache:
+        f0 = np.asarray(Image.open(io.BytesIO(cache.frames.get(jobs[0].key))), dtype=int)
+        f4 = np.asarray(Image.open(io.BytesIO(cache.frames.get(jobs[4].key))), dtype=int)
+    assert np.abs(f0 - f4).max() > 10
+
+
+def test_motion_zoom_rotate_translate() -> None:
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.putpixel((16, 16), (255, 255, 255))
+    assert motion(img, 1.0, 0.0, 0.0, 0.0) is img
+    moved = np.asarray(motion(img, 1.0, 0.0, 4.0, 0.0))[..., 0]
+    assert np.unravel_index(moved.argmax(), moved.shape) == (16, 20)  # content moves right by 4 px
+    down = np.asarray(motion(img, 1.0, 0.0, 0.0, 3.0))[..., 0]
+    assert np.unravel_index(down.argmax(), down.shape) == (19, 16)
+    zoomed = np.asarray(motion(img, 2.0, 0.0, 0.0, 0.0))[..., 0]
+    assert (zoomed > 60).sum() > (np.asarray(img)[..., 0] > 60).sum()  # a dot grows when zoomed in
+    bar = Image.new("RGB", (32, 32), (0, 0, 0))
+    for x in range(16, 28):
+        bar.putpixel((x, 16), (255, 255, 255))
+    turned = np.asarray(motion(bar, 1.0, 90.0, 0.0, 0.0))[..., 0]
+    ys, xs = np.nonzero(turned > 128)
+    assert np.ptp(ys) > np.ptp(xs)  # a horizontal bar turned by 90 degrees stands upright
+
+
+@pytest.mark.parametrize("mode", ["img2img", "feedback"])
+def test_mode_frames_do_not_depend_on_the_batch(tmp_path: Path, mode: str) -> None:
+    text = IMG2IMG.format(s0=0.5) if mode == "img2img" else FEEDBACK.format(mid="x")
+    scene = scene_in(tmp_path, text)
+    parsed = load_scene(scene)
+    env = resolve_env(parsed, device="cpu")
+    jobs = plan(parsed, env)
+    pipe = configure(load_pipeline(resolve_model("tiny", tmp_path), device="cpu", dtype="float32"), parsed)
+    with CacheDir(tmp_path / "cache") as cache:
+        renderer = FrameRenderer(pipe, parsed, jobs, cache, device="cpu", dtype="float32")
+        renderer.encode_prompts(jobs.embeddings)
+        picks = [jobs[0], jobs[1], jobs[2]] if mode == "img2img" else [jobs[0]]
+        together = renderer.denoise(picks, renderer.prepare_latents(picks))
+        alone = [renderer.denoise([j], renderer.prepare_latents([j]))[0] for j in picks]
+    for a, b in zip(together, alone, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
+def test_checkpoint_saved_to_a_folder_renders_by_path(tmp_path: Path) -> None:
+    """A user's local download loads by the same code path: save_pretrained, then model: <folder>."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "pipeline" / "embedded" / "tiny", torch_dtype=torch.float32)
+    pipe.save_pretrained(tmp_path / "models" / "my-sd15")
+    scene = scene_in(
+        tmp_path,
+        "model: models/my-sd15\nsize: [32, 32]\nsteps: 2\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 3, prompt: a cat}\noutputs: [out.gif]\n",
+    )
+    report = run_render(scene, tmp_path / "cache")
+    assert report["rendered"] == 4
+    ref = resolve_model("models/my-sd15", tmp_path)
+    assert ref.kind == "local" and set(ref.fingerprint) >= {"unet", "vae", "text_encoder", "tokenizer"}

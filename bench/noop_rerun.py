@@ -88,11 +88,11 @@ def main() -> None:
         torch_line = out.stdout.strip().splitlines()[-1]
         imp = subprocess.run([c.PYTHON, "-X", "importtime", "-c", WRAPPER, *map(str, args)], cwd=c.ROOT, capture_output=True, text=True, check=True)
         heavy = sorted({ln.split("|")[-1].strip().split(".")[0] for ln in imp.stderr.splitlines() if ln.startswith("import time:")} & {"torch", "diffusers", "transformers", "numpy", "PIL", "imageio"})
-        total_us = sum(int(ln.split("|")[1]) for ln in imp.stderr.splitlines() if ln.startswith("import time:") and ln.split("|")[1].strip().isdigit())
+        total_us = sum(int(ln.split("|")[0].split(":")[1]) for ln in imp.stderr.splitlines() if ln.startswith("import time:") and ln.split("|")[0].split(":")[1].strip().isdigit())
 
     c.table(["run", "n", "median s", "min s", "max s", "note"], rows)
     print(f"torch after a no-op re-run (sys.modules): {torch_line}")
-    print(f"-X importtime: heavy packages imported: {heavy or 'none'}; cumulative self import time {total_us / 1e6:.2f} s")
+    print(f"-X importtime: heavy packages imported: {heavy or 'none'}; sum of self import times under -X importtime {total_us / 1e6:.2f} s")
 
 
 if __name__ == "__main__":

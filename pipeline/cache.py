@@ -305,6 +305,17 @@ class Store:
                 "(another process holding it, or the database is not writable)"
             ) from exc
 
+    def add(self, key: str, payload: bytes) -> bool:
+        """Store `payload` under `key` only if no row exists; atomic across processes. True if stored."""
+        check_key(key)
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        self._check_writable()
+        try:
+            return bool(self._cache.add(key, payload, retry=False))
+        except diskcache.Timeout as exc:
+            raise TimeoutError(f"could not lock {self._directory / DBNAME} for writing within {self._cache.timeout}s") from exc
+
     def __contains__(self, key: object) -> bool:
         """Whether a row exists for `key`; whether it is readable is only known after `get`.
 

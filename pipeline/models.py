@@ -117,8 +117,29 @@ def resolve_model(
             raise ModelError(f"model folder '{spec}' has no model_index.json; point at a diffusers pipeline folder")
         else:
             return _resolve_hub(spec, revision)
-    index = json.loads((folder / "model_index.json").read_text())
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except ValueError as exc:
+        raise ModelError(f"model '{spec}': {folder / 'model_index.json'} is not valid JSON ({exc}); re-download the model") from None
+    _check_folder(spec, folder, index)
     return ModelRef(spec, kind, folder, index, _folder_fingerprint(folder, index, memo), revision)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def _check_folder(spec: str, folder: Path, index: dict[str, Any]) -> None:
+    """Every component named in model_index.json is there, with its config and its weights."""
+    fix = "re-download it" + (" or run 'python tools/make_tiny_models.py'" if folder.parent == EMBEDDED_DIR else "")
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        comp = folder / name
+        if not comp.is_dir():
+            raise ModelError(f"model '{spec}' is incomplete: its '{name}' folder is missing in {folder}; {fix}")
+        is_model = any(comp.glob("config.json"))
+        if is_model and not any(p.suffix in WEIGHT_SUFFIXES for p in comp.iterdir()):
+            raise ModelError(f"model '{spec}' is incomplete: no weight file in {comp}; {fix}")
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
@@ -254,8 +275,13 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
             # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere we support.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = cls.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"cannot load model '{ref.spec}': {exc}") from None
+    except Exception as exc:  # damaged files surface as OSError, ValueError, SafetensorError, RuntimeError...
+        where = ref.folder if ref.kind != "hub" else f"the Hugging Face cache entry of {ref.spec}"
+        raise ModelError(
+            f"cannot load model '{ref.spec}' from {where}: {type(exc).__name__}: {str(exc)[:300]}. "
+            "A weight file may be truncated or damaged: re-download the model"
+            + (" (or run 'python tools/make_tiny_models.py')" if ref.is_embedded else "")
+        ) from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,13 +6,13 @@ mode, with ``prompt_embeds``/``pooled_prompt_embeds``/``negative_*`` and the noi
 ``encode_png``::
 
     renderer = FrameRenderer(pipe, scene, plan, cache, device="cpu", dtype="float32")
-    for batch, pngs in renderer.render(jobs, batch_size=4):
-        ...store each png under its job's key...
+    for batch in batches(jobs, 4):
+        pngs = renderer.render_batch(batch)      # one PNG per job, in order
 
 Frames that share their scalar settings go through one pipeline call. Each frame brings its own
 noise and its own generator (for ancestral samplers and VAE sampling), so its pixels never depend
-on the batch it lands in. Feedback frames start from the frame before them, so they render in
-waves: every frame whose previous frame exists renders in the next wave.
+on the batch it lands in. A feedback frame starts from the frame before it, read from the cache, so
+the caller renders feedback chains in waves (see ``pipeline.run``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,6 @@ class FrameRenderer:
         self.encoded = 0  # embeddings computed this run (the rest came from the cache)
         self._mode_pipes: dict[str, Any] = {}
         self._images: dict[str, Image.Image] = {}
-        self._frames: dict[str, Image.Image] = {}  # just-rendered frames a feedback frame may start from
 
     # 1. Prompts -> embeddings, through the embedding cache.
     def encode_prompts(self, keys: Iterable[str]) -> None:
@@ -248,8 +247,6 @@ class FrameRenderer:
         prev = job.recipe["mode"].get("prev")
         if prev is None:
             return None
-        if prev in self._frames:
-            return self._frames[prev]
         blob = self.cache.frames.get(prev)
         if blob is None:
             raise RuntimeError(f"frame {job.frame - 1} is missing from the cache; feedback frame {job.frame} needs it")
@@ -308,43 +305,15 @@ class FrameRenderer:
         with injected_noise(pipe, latents):
             return pipe(**kwargs).images
 
-    def render(self, jobs: Sequence[FrameJob], batch_size: int) -> Iterator[tuple[list[FrameJob], list[bytes]]]:
-        """Render ``jobs`` batch by batch; yields each finished batch so it can be stored at once."""
-        needed: set[str] = set()
-        for job in jobs:
-            for part in ("cond", "neg"):
-                cond = job.recipe.get(part)
-                if cond:
-                    needed.update(_embedding_keys(cond))
-        self.encode_prompts(sorted(needed))
-        pending = list(jobs)
-        todo_keys = {j.key for j in jobs}
-        while pending:
-            # A feedback frame waits until the frame before it exists (rendered in an earlier wave).
-            ready = [j for j in pending if j.recipe["mode"].get("prev") not in todo_keys or j.recipe["mode"]["mode"] != "feedback"]
-            pending = [j for j in pending if j not in ready]
-            if not ready:
-                raise RuntimeError("feedback frames wait on each other in a cycle")
-            for batch in batches(ready, batch_size):
-                images = self.denoise(batch, self.prepare_latents(batch))
-                for job, image in zip(batch, images, strict=True):
-                    if job.key in self._feeds:
-                        self._frames[job.key] = image
-                    todo_keys.discard(job.key)
-                yield batch, [encode_png(img) for img in images]
-            # Keep only the frames that a waiting feedback frame still needs.
-            self._frames = {k: v for k, v in self._frames.items() if k in self._feeds_pending(pending)}
-
-    @property
-    def _feeds(self) -> set[str]:
-        return {j.recipe["mode"]["prev"] for j in self.plan if j.recipe["mode"].get("prev")}
-
-    @staticmethod
-    def _feeds_pending(pending: Sequence[FrameJob]) -> set[str]:
-        return {j.recipe["mode"]["prev"] for j in pending if j.recipe["mode"].get("prev")}
+    def render_batch(self, batch: Sequence[FrameJob]) -> list[bytes]:
+        """Render one batch (equal settings; each feedback frame's previous frame already cached)."""
+        self.encode_prompts(key for job in batch for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part)))
+        return [encode_png(img) for img in self.denoise(batch, self.prepare_latents(batch))]
 
 
-def _embedding_keys(cond: dict[str, Any]) -> list[str]:
+def _embedding_keys(cond: dict[str, Any] | None) -> list[str]:
+    if not cond:
+        return []
     if "grid" in cond:
         return list(cond["grid"])
     keys = [k for k, _ in cond["a"]]

@@ -13,9 +13,13 @@ one we wrote for that key, it is left alone.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import sys
+import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from pipeline.assemble import clean_partials, write_output
 from pipeline.cache import CacheDir, record_key
 from pipeline.environment import RenderEnv, input_files
 from pipeline.keys import key_of
-from pipeline.models import ModelRef
+from pipeline.models import ModelError, ModelRef
 from pipeline.planner import Plan
 from pipeline.scene import Output, Scene, output_kind
 
@@ -78,7 +82,7 @@ class CachedFrames(Sequence[Any]):
 
         blob = self.cache.frames.get(self.keys[i])
         if blob is None:
-            raise RuntimeError(f"frame {i} vanished from the cache while writing outputs; run again to re-render it")
+            raise FrameMissing(self.keys[i])
         return Image.open(io.BytesIO(blob)).convert("RGB")
 
 
@@ -101,6 +105,8 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
     frames = CachedFrames(cache, keys)
     status: dict[str, str] = {}
     for target in targets:
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_partials(target.path.parent)  # temporary files of a run killed while writing outputs
         settings = _settings(scene, target)
         out_key = key_of({"kind": "output", "v": ASSEMBLE_VERSION, "type": target.kind, "frames": keys, "settings": settings})
         rec_key = record_key("output", str(target.path))
@@ -108,8 +114,6 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
         if record and record.get("key") == out_key and _stamp(target.path) == record.get("stamp"):
             status[str(target.path)] = "up to date"
             continue
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        clean_partials(target.path.parent)
         write_output(target.kind, target.path, frames, **settings)
         cache.records.put_json(rec_key, {"key": out_key, "stamp": _stamp(target.path)})
         status[str(target.path)] = "written"
@@ -128,6 +132,14 @@ def _stamp(path: Path) -> list[int] | None:
         return None
 
 
+class FrameMissing(RuntimeError):
+    """A cached frame turned out unreadable while writing outputs: it must be rendered again."""
+
+    def __init__(self, key: str):
+        super().__init__(f"frame {key[:12]} is unreadable in the cache")
+        self.key = key
+
+
 def run(
     scene: Scene,
     env: RenderEnv,
@@ -141,24 +153,29 @@ def run(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Render what is missing, store each frame as it finishes, then write the outputs."""
-    todo: dict[str, Any] = {}
-    for job in plan:
-        if job.key not in cached and job.key not in todo:
-            todo[job.key] = job
     missing_frames = sum(1 for job in plan if job.key not in cached)
-    renders, encoded = 0, 0
-    if todo:
-        renders, encoded = _render(
-            scene, env, ref, plan, cache, list(todo.values()), batch_size, quiet, len(plan) - missing_frames
-        )
-    status = assemble(scene, plan, cache, targets)
+    renderer: Renders | None = None
+    for _attempt in range(3):
+        todo = {job.key: job for job in plan if job.key not in cached}
+        if todo:
+            renderer = renderer or Renders(scene, env, ref, plan, cache, batch_size, quiet)
+            renderer.run(list(todo.values()), len(plan) - len(todo))
+        try:
+            status = assemble(scene, plan, cache, targets)
+            break
+        except FrameMissing:
+            # A cached frame was corrupt (the cache warned): render every unreadable frame again.
+            cached = {key for key in cache.frames.present(job.key for job in plan) if cache.frames.get(key) is not None}
+            missing_frames += sum(1 for job in plan if job.key not in cached)
+    else:
+        raise RuntimeError("frames keep disappearing from the cache while outputs are written")
     return {
         "scene": str(scene.path),
         "frames": len(plan),
         "rendered": missing_frames,
         "cached": len(plan) - missing_frames,
-        "renders": renders,
-        "embeddings_encoded": encoded,
+        "renders": renderer.done if renderer else 0,
+        "embeddings_encoded": renderer.encoded if renderer else 0,
         "outputs": [str(t.path) for t in targets],
         "output_status": status,
         "device": env.device,
@@ -167,38 +184,139 @@ def run(
     }
 
 
-def _render(
-    scene: Scene,
-    env: RenderEnv,
-    ref: ModelRef,
-    plan: Plan,
-    cache: CacheDir,
-    jobs: list[Any],
-    batch_size: int | None,
-    quiet: bool,
-    already: int,
-) -> tuple[int, int]:
-    """Render ``jobs``; returns (frames rendered, embeddings encoded rather than read from the cache)."""
-    from tqdm import tqdm
+class Renders:
+    """The rendering half of a run: loads the model once, then renders frame jobs as they become ready.
 
-    from pipeline.models import load_pipeline
-    from pipeline.renderer import FrameRenderer, configure, default_batch_size
+    - Frames are claimed before they render, so several processes sharing a cache split the work
+      (see ``pipeline.claims``); frames claimed by a live process are waited for, not rendered.
+    - A feedback frame is ready once the frame before it is in the cache: chains render in waves.
+    - Out of memory halves the batch size and goes on; one frame that still fails is an error.
+    - The first Ctrl-C finishes the batch in flight and stops; a second one stops at once.
+    """
 
-    pipe = configure(load_pipeline(ref, device=env.device, dtype=env.dtype), scene)
-    renderer = FrameRenderer(pipe, scene, plan, cache, device=env.device, dtype=env.dtype)
-    size = batch_size or default_batch_size(env.device)
-    done = 0
-    frames_per_key = Counter(job.key for job in plan)  # a held frame repeats one key
-    bar = tqdm(total=len(plan), initial=already, unit="frame", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
-    bar.set_postfix_str(f"cached {already}, rendered 0")
-    try:
-        for batch, pngs in renderer.render(jobs, size):
-            for job, png in zip(batch, pngs, strict=True):
-                # Stored at once: a run killed after this line resumes without this frame.
-                cache.frames.put(job.key, png)
-            done += len(batch)
-            bar.update(sum(frames_per_key[job.key] for job in batch))
-            bar.set_postfix_str(f"cached {already}, rendered {done}")
-    finally:
-        bar.close()
-    return done, renderer.encoded
+    POLL_S = 0.2
+
+    def __init__(
+        self, scene: Scene, env: RenderEnv, ref: ModelRef, plan: Plan, cache: CacheDir, batch_size: int | None, quiet: bool
+    ):
+        from pipeline.models import load_pipeline
+        from pipeline.renderer import FrameRenderer, configure, default_batch_size
+
+        self.plan = plan
+        self.cache = cache
+        pipe = configure(load_pipeline(ref, device=env.device, dtype=env.dtype), scene)
+        self.renderer = FrameRenderer(pipe, scene, plan, cache, device=env.device, dtype=env.dtype)
+        self.batch_size = batch_size or default_batch_size(env.device)
+        self.quiet = quiet
+        self.done = 0
+        self.stop_requested = False
+        self.log = os.environ.get("SD_SCENES_RENDER_LOG")  # debugging aid: one line per stored frame
+
+    @property
+    def encoded(self) -> int:
+        return self.renderer.encoded
+
+    def run(self, jobs: list[Any], already: int) -> None:
+        from tqdm import tqdm
+
+        from pipeline.claims import Claims
+
+        claims = Claims(self.cache.records)
+        per_key = Counter(job.key for job in self.plan)  # a held frame repeats one key
+        bar = tqdm(total=len(self.plan), initial=already, unit="frame", disable=self.quiet or None, file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix_str(f"cached {already}, rendered {self.done}")
+        remaining = {job.key: job for job in jobs}
+        previous_handler = self._catch_sigint()
+        try:
+            while remaining:
+                # Frames another process finished meanwhile are done for us too.
+                for key in self.cache.frames.present(remaining):
+                    bar.update(per_key[key])
+                    del remaining[key]
+                ready = [j for j in remaining.values() if j.recipe["mode"].get("prev") not in remaining]
+                progressed = False
+                for batch in self._batches(ready):
+                    mine = set(claims.claim(job.key for job in batch))
+                    batch = [job for job in batch if job.key in mine]
+                    if not batch:
+                        continue
+                    try:
+                        self._render(batch)
+                    finally:
+                        claims.release(job.key for job in batch)
+                    for job in batch:
+                        remaining.pop(job.key, None)
+                    progressed = True
+                    bar.update(sum(per_key[job.key] for job in batch))
+                    bar.set_postfix_str(f"cached {already}, rendered {self.done}")
+                    if self.stop_requested:
+                        raise KeyboardInterrupt
+                    break  # re-read the cache: others may have finished frames, waves may have opened
+                if not progressed and remaining:
+                    time.sleep(self.POLL_S)  # everything left is claimed by a live process: wait for it
+        finally:
+            bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+
+    def _batches(self, ready: list[Any]) -> Iterator[list[Any]]:
+        from pipeline.renderer import batches
+
+        return batches(ready, self.batch_size)
+
+    def _render(self, batch: list[Any]) -> None:
+        """Render one batch, halving it on out-of-memory; store every frame the moment it is done."""
+        try:
+            pngs = self.renderer.render_batch(batch)
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            if len(batch) == 1:
+                raise ModelError(
+                    f"out of memory rendering a single frame at {self.renderer.scene.width}x{self.renderer.scene.height}: "
+                    "lower the size, use 'dtype: float16' on a GPU, or free memory used by other programs"
+                ) from None
+            _free_memory()
+            self.batch_size = max(1, len(batch) // 2)
+            print(f"out of memory with {len(batch)} frames per batch; going on with {self.batch_size}", file=sys.stderr)
+            half = len(batch) // 2
+            self._render(batch[:half])
+            self._render(batch[half:])
+            return
+        for job, png in zip(batch, pngs, strict=True):
+            # Stored at once: a run killed after this line resumes without rendering this frame again.
+            self.cache.frames.put(job.key, png)
+            self.done += 1
+            if self.log:
+                with open(self.log, "a") as f:
+                    f.write(f"{job.key} {os.getpid()}\n")
+
+    def _catch_sigint(self) -> Any:
+        """First Ctrl-C: finish the batch in flight, then stop. Second: stop now (further ones ignored)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nstopping after the frames in flight (Ctrl-C again to stop now)", file=sys.stderr)
+
+        return signal.signal(signal.SIGINT, handler)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

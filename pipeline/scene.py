@@ -675,6 +675,33 @@ def _parse_duration(value: str | float) -> float | None:
     return None
 
 
+MAX_INPUT_SIDE = 8192
+
+
+def image_size(path: Path) -> tuple[int, int] | str:
+    """The (width, height) of an input image, or what is wrong with it. Reads the header, not the pixels."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # A decompression bomb (a small file that decodes to gigapixels) is refused, not a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                im.verify()  # checks the file's structure and checksums without decoding it all
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"the image is too large to decode safely (a decompression bomb?); at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
+    except UnidentifiedImageError:
+        return "not an image Pillow can read (use PNG, JPEG or WebP)"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"the image file is damaged ({exc})"
+    if width > MAX_INPUT_SIDE or height > MAX_INPUT_SIDE:
+        return f"the image is {width}x{height}; at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
+    return (width, height)
+
+
 def _check_model(scene: Scene) -> str | None:
     name = scene.model
     if name in embedded_models():
@@ -712,6 +739,7 @@ def _check_modes_and_files(
             if value is not None:
                 files.append((("keyframes", i, name), value))
     files += [(("embeddings", i, "path"), e.path) for i, e in enumerate(scene.embeddings)]
+    sizes: dict[str, tuple[int, int]] = {}
     files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
     for at, rel in files:
         full = scene.resolve(rel)
@@ -719,6 +747,12 @@ def _check_modes_and_files(
             problems.append(doc.problem(at, f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs"))
         elif not full.is_file():
             problems.append(doc.problem(at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"))
+        elif at[-1] in IMAGE_FIELDS:
+            size_or_problem = image_size(full)
+            if isinstance(size_or_problem, str):
+                problems.append(doc.problem(at, f"'{rel}': {size_or_problem}"))
+            else:
+                sizes[rel] = size_or_problem
 
     # Walk the held values keyframe by keyframe, as the planner will, to check what each mode needs.
     # A problem is reported where the mode was set (a keyframe's 'mode', or the scene's).
@@ -748,6 +782,15 @@ def _check_modes_and_files(
             problems.append(doc.problem(at, f"{where}: mode {mode} needs an 'init_image'"))
         if mode == "inpaint" and not st["mask"]:
             problems.append(doc.problem(at, f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)"))
+        image_size_, mask_size = sizes.get(st["init_image"] or ""), sizes.get(st["mask"] or "")
+        if mode == "inpaint" and image_size_ and mask_size and image_size_ != mask_size:
+            problems.append(
+                doc.problem(
+                    at,
+                    f"{where}: the mask '{st['mask']}' is {mask_size[0]}x{mask_size[1]} but the init image "
+                    f"'{st['init_image']}' is {image_size_[0]}x{image_size_[1]}; they must be the same size",
+                )
+            )
     if scene.mode != "txt2img" and (scene.walk is not None or scene.grid is not None) and scene.mode == "feedback":
         problems.append(doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk"))
     return problems

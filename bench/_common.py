@@ -125,7 +125,18 @@ def header(title: str) -> None:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     print(f"# {title}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; nproc={m['nproc']}; cpu={m['cpu']}; ram={m['ram']}; {m['gpu']}; python {m['python']}")
-    print(f"# load average at start: {load}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"# load average at start: {load}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; code: {revision()}")
+
+
+def revision() -> str:
+    """The git commit of the code measured, and the pipeline files changed since (read-only git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "--", "pipeline", "render.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    except OSError:
+        return "unknown"
+    changed = [p for p in dirty if "/" in p or p.endswith(".py")]
+    return f"{head or 'unknown'}" + (f" + uncommitted {', '.join(changed)}" if changed else "")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

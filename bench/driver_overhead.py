@@ -10,7 +10,7 @@ a loop that re-scans every remaining frame after each batch shows seconds/frame 
 Scene: 3 keyframes, ``noise: travel``, N frames, fresh temporary cache per N, batch size 4 (the CPU
 default), no outputs. One run per N (the stub makes runs deterministic apart from machine noise).
 
-    /work/venv/bin/python bench/driver_overhead.py [--quick]     # N = 250, 500, 1000, 2000 (--quick: up to 1000)
+    /work/venv/bin/python bench/driver_overhead.py [--quick]     # N = 250 ... 4000 (--quick: up to 1000)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ keyframes:
 
 
 def main() -> None:
-    sizes = (250, 500, 1000) if c.quick() else (250, 500, 1000, 2000)
+    sizes = (250, 500, 1000) if c.quick() else (250, 500, 1000, 2000, 4000)
     c.header("driver_overhead: pipeline.run.run with stubbed model and pixels, batch 4")
     import pipeline.models
     import pipeline.renderer

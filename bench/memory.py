@@ -14,12 +14,14 @@ each size and the ratio long/short.
 Children run with OMP_NUM_THREADS=1 (``--threads N`` to change; see ``_common.threads``).
 
     /work/venv/bin/python bench/memory.py [--quick]      # --quick: 20 vs 200 frames, once each
+    /work/venv/bin/python bench/memory.py --frames 100,4000   # other sizes, once each
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,6 +87,9 @@ def render(folder: Path, frames: int) -> dict:
 def main() -> None:
     short, long = (20, 200) if c.quick() else (100, 1000)
     rounds = 1 if c.quick() else 2
+    if "--frames" in sys.argv:  # e.g. --frames 100,4000: other sizes, once each
+        short, long = map(int, sys.argv[sys.argv.index("--frames") + 1].split(","))
+        rounds = 1
     c.threads()
     c.header(f"memory: peak RSS of a {long}-frame render against a {short}-frame render (32x32, 2 steps, MP4 + GIF)")
     results: dict[int, list[dict]] = {short: [], long: []}

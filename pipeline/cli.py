@@ -22,7 +22,7 @@ from typing import Any
 
 import typer
 
-from pipeline.cache import CacheDir
+from pipeline.cache import CacheDir, record_key
 from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
 from pipeline.models import RANDOM_WEIGHTS_NOTE, ModelError, resolve_model
@@ -49,14 +49,10 @@ def _memo(cache: CacheDir | None) -> dict[str, Any]:
     """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
     if cache is None:
         return {}
-    from pipeline.cache import record_key
-
     return dict(cache.records.get_json(record_key("file-digests")) or {})
 
 
 def _save_memo(cache: CacheDir, memo: dict[str, Any]) -> None:
-    from pipeline.cache import record_key
-
     cache.records.put_json(record_key("file-digests"), memo)
 
 
@@ -104,7 +100,8 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
             }
             for j, s in zip(p, status, strict=True)
         ]
-        typer.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+        # One object per line: readable, and json.dumps without indent uses the fast C encoder.
+        typer.echo("[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]")
         return
     typer.echo(f"{scene.path.name}: {len(p)} frames, {scene.width}x{scene.height}, {scene.steps} steps, model {env.model} on {env.device}/{env.dtype}")
     header = f"{'frame':>6}  {'key':12}  {'prompt':54}  {'noise':22}  {'values':28}  status"
@@ -157,6 +154,7 @@ def render_command(
         if cache is not None:
             stack.callback(cache.close)
         memo = _memo(cache)
+        memo_before = dict(memo)
         try:
             ref = resolve_model(model or scene.model, scene.base_dir, revision=scene.revision, memo=memo)
             env = resolve_env(scene, device=device, ref=ref)
@@ -174,7 +172,8 @@ def render_command(
             return
 
         assert cache is not None
-        _save_memo(cache, memo)
+        if memo != memo_before:
+            _save_memo(cache, memo)
         outputs_dir = (out_dir or scene.base_dir / "renders" / scene.name).resolve()
         from pipeline.run import OutputError, check_outputs, run
 
@@ -193,7 +192,9 @@ def render_command(
                 cached = cache.frames.present([j.key for j in p])
         if ref.is_embedded and not quiet:
             typer.echo(RANDOM_WEIGHTS_NOTE.format(name=ref.spec), err=True)
-        save_plan(cache.records, scene.path, p)
+        previous = load_plan(cache.records, scene.path)
+        if previous is None or previous.get("keys") != [j.key for j in p] or previous.get("base") != p.base:
+            save_plan(cache.records, scene.path, p)  # what --plan compares against to say why
         started = time.perf_counter()
         try:
             result = run(scene, env, ref, p, cache, cached, targets, batch_size=batch_size, quiet=quiet)

@@ -107,6 +107,8 @@ class _Track:
         """(index a, index b, eased t) at frame ``n``; frames must be asked in increasing order."""
         frames = self.frames
         last = len(frames) - 1
+        if last == 0:
+            return 0, 0, 0.0  # one value: most tracks (a scalar never keyframed)
         while self.i < last and frames[self.i + 1] <= n:
             self.i += 1
         i = self.i
@@ -278,6 +280,9 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
     if grid is not None:
         corners = [emb.key(p) for p in grid.prompts]
 
+    # Modes and inputs rarely change: look up only the tracks that do.
+    held_fixed = {name: tracks[name].values[0] for name in HELD if len(tracks[name].values) == 1}
+    held_moving = [name for name in HELD if name not in held_fixed]
     prev_key: str | None = None
     for n in range(total):
         # 1. Conditioning: which embeddings, mixed how.
@@ -291,7 +296,9 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
         else:
             cond = _cond(tracks["prompt"], n, prompts, method)
         # 2. Scalars the frame's mode uses, and the mode's inputs.
-        held = {name: tracks[name].values[tracks[name].at(n)[0]] for name in HELD}
+        held = dict(held_fixed)
+        for name in held_moving:
+            held[name] = tracks[name].values[tracks[name].at(n)[0]]
         mode_name = held["mode"]
         scalars: dict[str, Any] = {name: _scalar(tracks[name], n) for name in _MODE_SCALARS[mode_name]}
         if lora_names:

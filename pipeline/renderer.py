@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -127,7 +129,7 @@ def motion(image: Image.Image, zoom: float, angle: float, tx: float, ty: float) 
     if zoom == 1.0 and angle == 0.0 and tx == 0.0 and ty == 0.0:
         return image
     w, h = image.size
-    x = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1)[None] / 255.0
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     a = math.radians(angle)
     # affine_grid maps output coordinates to input ones, in [-1, 1]: the inverse of the motion.
     cos, sin = math.cos(a) / zoom, math.sin(a) / zoom
@@ -294,14 +296,14 @@ class FrameRenderer:
             if name == "inpaint":
                 kwargs["mask_image"] = [self._image(mode["mask"], "L")] * len(jobs)
             if name == "depth2img" and mode.get("depth", "estimated") != "estimated":
-                depth = torch.from_numpy(__import__("numpy").asarray(self._image(mode["depth"], "L"), dtype="float32") / 255.0)
+                depth = torch.from_numpy(np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0)
                 kwargs["depth_map"] = depth[None].repeat(len(jobs), 1, 1)
         pipe = self._mode_pipe(name)
-        if name == "txt2img":
-            kwargs.update(latents=latents, height=self.scene.height, width=self.scene.width)
-            return pipe(**kwargs).images
-        if name == "inpaint":
+        if "height" in inspect.signature(pipe.__call__).parameters:
+            # Some mode pipelines (SD3 img2img) would otherwise resize the init image to their default size.
             kwargs.update(height=self.scene.height, width=self.scene.width)
+        if name == "txt2img":
+            return pipe(latents=latents, **kwargs).images
         with injected_noise(pipe, latents):
             return pipe(**kwargs).images
 

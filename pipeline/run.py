@@ -18,8 +18,8 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,44 +225,51 @@ class Renders:
         per_key = Counter(job.key for job in self.plan)  # a held frame repeats one key
         bar = tqdm(total=len(self.plan), initial=already, unit="frame", disable=self.quiet or None, file=sys.stderr, dynamic_ncols=True)
         bar.set_postfix_str(f"cached {already}, rendered {self.done}")
-        remaining = {job.key: job for job in jobs}
+        queue = _ReadyQueue(jobs)
+        elsewhere: dict[str, Any] = {}  # claimed by another live process: wait for it, take it over if it dies
         previous_handler = self._catch_sigint()
         try:
-            while remaining:
-                # Frames another process finished meanwhile are done for us too.
-                for key in self.cache.frames.present(remaining):
-                    bar.update(per_key[key])
-                    del remaining[key]
-                ready = [j for j in remaining.values() if j.recipe["mode"].get("prev") not in remaining]
-                progressed = False
-                for batch in self._batches(ready):
+            while queue.remaining:
+                batch = queue.next_batch(self.batch_size)
+                if batch:
                     mine = set(claims.claim(job.key for job in batch))
-                    batch = [job for job in batch if job.key in mine]
-                    if not batch:
-                        continue
-                    try:
-                        self._render(batch)
-                    finally:
-                        claims.release(job.key for job in batch)
+                    # A frame another process finished (and released) since we looked is done already.
+                    finished = self.cache.frames.present(mine)
                     for job in batch:
-                        remaining.pop(job.key, None)
-                    progressed = True
-                    bar.update(sum(per_key[job.key] for job in batch))
-                    bar.set_postfix_str(f"cached {already}, rendered {self.done}")
+                        if job.key not in mine:
+                            elsewhere[job.key] = job
+                        elif job.key in finished:
+                            queue.finish(job.key)
+                            bar.update(per_key[job.key])
+                    todo = [job for job in batch if job.key in mine and job.key not in finished]
+                    claims.release(finished)
+                    if todo:
+                        try:
+                            self._render(todo)
+                        finally:
+                            claims.release(job.key for job in todo)
+                        for job in todo:
+                            queue.finish(job.key)
+                        bar.update(sum(per_key[job.key] for job in todo))
+                        bar.set_postfix_str(f"cached {already}, rendered {self.done}")
                     if self.stop_requested:
                         raise KeyboardInterrupt
-                    break  # re-read the cache: others may have finished frames, waves may have opened
-                if not progressed and remaining:
-                    time.sleep(self.POLL_S)  # everything left is claimed by a live process: wait for it
+                    continue
+                # Nothing of ours is ready: the rest is being rendered elsewhere (or waits on it).
+                for key in self.cache.frames.present(elsewhere):
+                    del elsewhere[key]
+                    queue.finish(key)
+                    bar.update(per_key[key])
+                retake = claims.claim(list(elsewhere))  # owners that died: their frames are ours now
+                for key in retake:
+                    queue.put_back(elsewhere.pop(key))
+                claims.release(retake)  # claimed again, batch by batch, when they come up
+                if not retake and queue.remaining:
+                    time.sleep(self.POLL_S)
         finally:
             bar.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-
-    def _batches(self, ready: list[Any]) -> Iterator[list[Any]]:
-        from pipeline.renderer import batches
-
-        return batches(ready, self.batch_size)
 
     def _render(self, batch: list[Any]) -> None:
         """Render one batch, halving it on out-of-memory; store every frame the moment it is done."""
@@ -304,6 +311,40 @@ class Renders:
             print("\nstopping after the frames in flight (Ctrl-C again to stop now)", file=sys.stderr)
 
         return signal.signal(signal.SIGINT, handler)
+
+
+class _ReadyQueue:
+    """Frames to render, by batch group, in frame order; a feedback frame becomes ready when the
+    frame before it is finished. Every operation is O(1) per frame, so a 100,000-frame render spends
+    no time re-scanning what is left."""
+
+    def __init__(self, jobs: list[Any]):
+        self.remaining = {job.key: job for job in jobs}
+        self.groups: dict[str, deque[Any]] = {}
+        self.waiting: dict[str, list[Any]] = {}
+        for job in jobs:
+            prev = job.recipe["mode"].get("prev")
+            if prev in self.remaining:
+                self.waiting.setdefault(prev, []).append(job)
+            else:
+                self.put_back(job)
+
+    def put_back(self, job: Any) -> None:
+        self.groups.setdefault(job.batch_group, deque()).append(job)
+
+    def next_batch(self, size: int) -> list[Any]:
+        """Up to ``size`` ready frames that share their settings; [] when none is ready."""
+        for group, jobs in list(self.groups.items()):
+            if not jobs:
+                del self.groups[group]
+                continue
+            return [jobs.popleft() for _ in range(min(size, len(jobs)))]
+        return []
+
+    def finish(self, key: str) -> None:
+        self.remaining.pop(key, None)
+        for job in self.waiting.pop(key, []):
+            self.put_back(job)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from pipeline.environment import RenderEnv
 from pipeline.keys import SIGNIFICANT_DIGITS, canonical_json, file_digest, key_of, round_float
@@ -271,7 +272,7 @@ def _env(**changes: Any) -> RenderEnv:
 
 
 def _keys(text: str, env: RenderEnv, folder: Path) -> list[str]:
-    (folder / "init.png").write_bytes(b"not really a png")
+    Image.new("RGB", (8, 8)).save(folder / "init.png")  # a real image: scene validation opens it
     return [j.key for j in plan(parse_scene(text, "s.yaml", base_path=folder / "s.yaml"), env)]
 
 

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.curves import ease_in_out_sine
 from pipeline.keys import canonical_json, key_of
@@ -264,7 +265,7 @@ def test_strength_is_keyed_only_in_modes_that_use_it(plan_text, make_env, tmp_pa
     assert keys(a) == keys(b)
     assert all(set(j.recipe["scalars"]) == {"guidance"} for j in a)
 
-    (tmp_path / "init.png").write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "init.png")
     img = "mode: img2img\ninit_image: init.png\n" + txt
     env_files = {"init.png": "hash-of-init"}
     c = plan_text(img.replace("STRENGTH", "0.3"), make_env(files=env_files), base_path=tmp_path / "s.yaml")

@@ -14,6 +14,8 @@ Every input is checked before any model loads; bad input prints ``FILE:LINE:COL:
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import sys
 import time
 from contextlib import ExitStack
@@ -22,11 +24,12 @@ from typing import Any
 
 import typer
 
-from pipeline.cache import CacheDir, record_key
+from pipeline.cache import STORE_NAMES, CacheDir, record_key
 from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
 from pipeline.models import RANDOM_WEIGHTS_NOTE, ModelError, resolve_model
 from pipeline.planner import Plan, plan
+from pipeline.run import check_outputs, run
 from pipeline.scene import Scene, check_against_model, load_scene
 from pipeline.yamlio import SceneError
 
@@ -141,8 +144,12 @@ def render_command(
         problems.append(f"--batch-size: {batch_size} is not allowed; use a whole number from 1 to 1024")
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        problems.append(f"--cache-dir: {cache_dir} is a file, not a folder")
     try:
         scene = load_scene(scene_file, allow_outside_inputs=allow_outside_inputs)
+        outputs_dir = (out_dir or scene.base_dir / "renders" / scene.name).resolve()
+        targets = check_outputs(scene, outputs_dir)
     except SceneError as exc:
         problems = [str(p) for p in exc.problems] + problems
         _fail(problems)
@@ -150,7 +157,10 @@ def render_command(
         _fail(problems)
 
     with ExitStack() as stack:
-        cache = CacheDir.open_readonly(cache_dir) if plan_only else CacheDir(cache_dir)
+        try:
+            cache = CacheDir.open_readonly(cache_dir) if plan_only else CacheDir(cache_dir)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", f"clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"])
         if cache is not None:
             stack.callback(cache.close)
         memo = _memo(cache)
@@ -172,15 +182,10 @@ def render_command(
             return
 
         assert cache is not None
+        # Stored is not enough: a damaged frame (the cache warns and drops it) is rendered again.
+        cached = {key for key in cached if cache.frames.get(key) is not None}
         if memo != memo_before:
             _save_memo(cache, memo)
-        outputs_dir = (out_dir or scene.base_dir / "renders" / scene.name).resolve()
-        from pipeline.run import OutputError, check_outputs, run
-
-        try:
-            targets = check_outputs(scene, outputs_dir)
-        except OutputError as exc:
-            _fail([f"{scene_file}: {exc}"])
         if device == "auto" and any(j.key not in cached for j in p):
             # Rendering imports torch anyway: let it confirm the device guessed without it.
             from pipeline.models import torch_device
@@ -223,7 +228,10 @@ def render_command(
 @cache_app.command("info")
 def cache_info(cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir")) -> None:
     """Show where the cache is, how big it is, and how many frames and embeddings it holds."""
-    cache = CacheDir.open_readonly(cache_dir)
+    try:
+        cache = CacheDir.open_readonly(cache_dir)
+    except sqlite3.DatabaseError as exc:
+        _fail([f"{cache_dir}: the cache is damaged ({exc}); clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"])
     if cache is None:
         typer.echo(f"{cache_dir}: empty (no cache yet)")
         return
@@ -246,9 +254,16 @@ def cache_clear(
         return
     if not yes and not typer.confirm(f"Delete everything cached in {cache_dir}?"):
         raise typer.Exit(1)
-    with CacheDir(cache_dir) as cache:
-        before = cache.volume()
-        cache.clear()
+    try:
+        with CacheDir(cache_dir) as cache:
+            before = cache.volume()
+            cache.clear()
+    except sqlite3.DatabaseError as exc:
+        # A damaged store cannot be opened to be emptied: remove the stores whole (only ours).
+        before = sum(f.stat().st_size for name in STORE_NAMES for f in (cache_dir / name).rglob("*") if f.is_file())
+        for name in STORE_NAMES:
+            shutil.rmtree(cache_dir / name, ignore_errors=True)
+        typer.echo(f"{cache_dir}: the cache was damaged ({exc}); removed its stores")
     typer.echo(f"{cache_dir}: cleared {before / 2**20:.1f} MiB")
 
 

@@ -76,7 +76,12 @@ class ModelRef:
         if self.folder is None:
             return {}
         path = self.folder / "scheduler" / "scheduler_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return dict(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise ModelError(f"model '{self.spec}': {path} is not valid JSON ({exc}); re-download the model") from None
 
 
 def family_of(pipeline_class: str) -> str:
@@ -173,7 +178,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
 
 def _folder_fingerprint(folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None) -> dict[str, str]:
     """Per component, the sha256 over its files' names and content hashes."""
-    out: dict[str, str] = {}
+    # model_index.json picks the classes (a scheduler swapped there changes pixels): it is part of the model.
+    out: dict[str, str] = {"model_index": memo_digest(folder / "model_index.json", memo)}
     for name, value in sorted(index.items()):
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -282,6 +288,12 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
             "A weight file may be truncated or damaged: re-download the model"
             + (" (or run 'python tools/make_tiny_models.py')" if ref.is_embedded else "")
         ) from None
-    pipe = pipe.to(device)
+    try:
+        pipe = pipe.to(device)
+    except Exception as exc:  # out of memory, or a device that is not there
+        raise ModelError(
+            f"cannot move model '{ref.spec}' to {device}: {type(exc).__name__}: {str(exc)[:300]}. "
+            "Free memory used by other programs, use 'dtype: float16', a smaller model, or --device cpu"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -31,12 +31,9 @@ from pipeline.keys import key_of
 from pipeline.models import ModelError, ModelRef
 from pipeline.planner import Plan
 from pipeline.scene import Output, Scene, output_kind
+from pipeline.yamlio import SceneError
 
 ASSEMBLE_VERSION = 1
-
-
-class OutputError(Exception):
-    """An output path that is not allowed (it would overwrite the scene or an input)."""
 
 
 @dataclass
@@ -49,19 +46,22 @@ class Target:
 
 
 def check_outputs(scene: Scene, out_dir: Path) -> list[Target]:
-    """Where each output goes; refuses any that would land on the scene, an input, or outside ``out_dir``."""
+    """Where each output goes. Raises :class:`SceneError` for any output that would land on the scene,
+    on one of its inputs, or outside ``out_dir`` (symlinks resolved), pointing at the output's line."""
     out_dir = out_dir.resolve()
     protected = {scene.path.resolve()} | {scene.resolve(rel) for rel in input_files(scene)}
-    targets = []
-    for out in scene.effective_outputs():
+    targets, problems = [], []
+    for i, out in enumerate(scene.effective_outputs()):
         kind = output_kind(out)
         assert kind is not None  # validated with the scene
         path = (out_dir / out.path).resolve()
         if not path.is_relative_to(out_dir):
-            raise OutputError(f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}")
-        if path in protected or any(p.is_relative_to(path) for p in protected if kind == "frames"):
-            raise OutputError(f"output '{out.path}' would overwrite {path}, the scene or one of its inputs")
+            problems.append(scene.problem(("outputs", i), f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}"))
+        elif path in protected or (kind == "frames" and any(p.is_relative_to(path) for p in protected)):
+            problems.append(scene.problem(("outputs", i), f"output '{out.path}' would overwrite {path}, the scene or one of its inputs; choose another path or --out"))
         targets.append(Target(out, kind, path))
+    if problems:
+        raise SceneError(problems)
     return targets
 
 

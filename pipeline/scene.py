@@ -265,6 +265,11 @@ class Scene(_Strict):
         """A path written in the scene, relative to the scene file's folder."""
         return (self.base_dir / relative).resolve()
 
+    def problem(self, path: tuple[Any, ...], message: str) -> Problem:
+        """A problem at the place in the scene file that ``path`` names (for rules checked after loading)."""
+        doc = self._doc or YamlDoc(str(self.path), None)
+        return doc.problem(path, message)
+
     def lora_name(self, lora: Lora) -> str:
         return lora.name or Path(lora.path).stem
 
@@ -706,10 +711,10 @@ def _check_model(scene: Scene) -> str | None:
     name = scene.model
     if name in embedded_models():
         return None
-    if name.startswith("tiny"):
-        return f"model: '{name}' is not an embedded model; embedded: {', '.join(embedded_models()) or 'none'}"
     local = scene.resolve(name)
     looks_local = name.startswith((".", "/", "~")) or local.exists()
+    if not looks_local and name.startswith("tiny"):
+        return f"model: '{name}' is not an embedded model; embedded: {', '.join(embedded_models()) or 'none'}"
     if looks_local:
         if not (local / "model_index.json").is_file():
             return f"model: folder '{name}' is not a diffusers model folder (no model_index.json in {local})"

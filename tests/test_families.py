@@ -94,7 +94,7 @@ def test_every_scheduler_renders_by_name(name: str, tmp_path: Path) -> None:
     assert report["rendered"] == 2
     parsed = load_scene(scene)
     with CacheDir(tmp_path / "cache") as cache:
-        renderer, jobs = _renderer(scene, cache)
+        renderer, _jobs = _renderer(scene, cache)
         assert type(renderer.pipe.scheduler).__name__ == SCHEDULERS[name][0]
     assert parsed.scheduler == name
 

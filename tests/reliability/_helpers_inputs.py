@@ -86,6 +86,10 @@ try:
     main(json.loads(sys.argv[1]))
 except SystemExit as exc:
     code = 0 if exc.code is None else exc.code
+except BaseException:  # what `python render.py` would show as a traceback, with exit code 1
+    import traceback
+    traceback.print_exc()
+    code = 1
 heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'})
 print('@@' + json.dumps({'code': code, 'heavy': heavy}))
 """

@@ -246,3 +246,53 @@ def test_out_of_memory_for_a_single_frame_is_an_error(
     monkeypatch.undo()
     again = render_ok(scene, tmp_path / "cache")
     assert (again["rendered"], again["cached"]) == (8, 0)
+
+
+# -- known gaps ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["render", "plan"])
+def test_local_model_with_a_damaged_scheduler_config(plan: bool, tmp_path: Path) -> None:
+    folder = tmp_path / "scene"
+    copy_model(folder / "models" / "mine")
+    config = folder / "models" / "mine" / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text()[:40])
+    scene = write_scene(folder, model="models/mine")
+    args = [str(scene), "--cache-dir", str(tmp_path / "cache"), *(["--plan"] if plan else [])]
+    code, heavy, stdout, stderr = cli_probe(*args)
+    assert "Traceback" not in stdout + stderr
+    assert code == 2, stderr
+    assert heavy == []
+    line = one_error_line(stderr, scene)
+    assert "scheduler_config.json" in line and "re-download" in line
+
+
+@pytest.mark.slow
+def test_out_of_memory_while_loading_the_model_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import diffusers
+    import torch
+
+    def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "to", to)
+    scene = write_scene(tmp_path / "scene")
+    try:
+        code, _report = render(scene, tmp_path / "cache")
+    except Exception as exc:  # what the command line shows as a traceback
+        pytest.fail(f"escaped the CLI: {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "out of memory" in err.lower()
+
+
+def test_local_model_folder_named_like_an_embedded_one(tmp_path: Path) -> None:
+    folder = tmp_path / "scene"
+    copy_model(folder / "tiny-finetune")
+    scene = write_scene(folder, model="tiny-finetune")
+    code, heavy, stdout, stderr = cli_probe(str(scene), "--plan", "--cache-dir", str(tmp_path / "cache"))
+    assert heavy == []
+    assert code == 0, stderr
+    assert "8 to render" in stdout

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -329,9 +330,28 @@ def write_mp4(path: Path, frames: Sequence[Image.Image], fps: float, *, quality:
                 writer.close()
             raise
         writer.close()
-        # imageio-ffmpeg does not check ffmpeg's exit status; a failed encode shows up here.
-        if not tmp.exists() or tmp.stat().st_size == 0:
-            raise RuntimeError(f"ffmpeg produced no output for {path} (see its messages above)")
+        # imageio-ffmpeg does not check ffmpeg's exit status (a full disk truncates the file and only
+        # prints a message): read the file back and count its frames before it may replace the old one.
+        _check_mp4(tmp, path, len(frames))
+
+
+class OutputError(OSError):
+    """An output file could not be written completely (the old one, if any, is kept)."""
+
+
+def _check_mp4(tmp: Path, path: Path, expected: int) -> None:
+    import imageio_ffmpeg
+
+    free = shutil.disk_usage(tmp.parent).free
+    why = f"No space left on device: {free} bytes free" if free < 1 << 20 else "is the disk full? see ffmpeg's messages above"
+    if not tmp.exists() or tmp.stat().st_size == 0:
+        raise OutputError(f"ffmpeg produced no output for {path.name} ({why})")
+    try:
+        frames, _seconds = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+    except Exception:  # ffmpeg cannot read it back: truncated or damaged
+        raise OutputError(f"ffmpeg wrote a broken {path.name} ({why})") from None
+    if frames != expected:
+        raise OutputError(f"ffmpeg wrote {frames} of {expected} frames of {path.name} ({why})")
 
 
 def _gif_delay_ms(fps: float) -> int:

@@ -13,8 +13,10 @@ Every input is checked before any model loads; bad input prints ``FILE:LINE:COL:
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import signal
 import sqlite3
 import sys
 import time
@@ -160,7 +162,13 @@ def render_command(
         try:
             cache = CacheDir.open_readonly(cache_dir) if plan_only else CacheDir(cache_dir)
         except (sqlite3.DatabaseError, OSError) as exc:
-            _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", f"clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"])
+            full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
+            hint = (
+                "free some space on that disk, or choose another --cache-dir"
+                if full
+                else f"if it is damaged, clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
+            )
+            _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
         if cache is not None:
             stack.callback(cache.close)
         memo = _memo(cache)
@@ -204,6 +212,7 @@ def render_command(
         try:
             result = run(scene, env, ref, p, cache, cached, targets, batch_size=batch_size, quiet=quiet)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not break the clean exit
             typer.echo(
                 f"\ninterrupted: every finished frame is cached; run the same command again to resume:\n"
                 f"  python render.py {scene_file}",
@@ -212,7 +221,7 @@ def render_command(
             raise typer.Exit(130) from None
         except ModelError as exc:
             _fail([f"{scene_file}: {exc}"])
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
             _fail([f"error: {exc}", "frames finished so far are cached; fix the problem and run again to resume"], code=1)
         result["seconds"] = round(time.perf_counter() - started, 3)

@@ -153,7 +153,6 @@ def run(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Render what is missing, store each frame as it finishes, then write the outputs."""
-    missing_frames = sum(1 for job in plan if job.key not in cached)
     renderer: Renders | None = None
     for _attempt in range(3):
         todo = {job.key: job for job in plan if job.key not in cached}
@@ -166,14 +165,15 @@ def run(
         except FrameMissing:
             # A cached frame was corrupt (the cache warned): render every unreadable frame again.
             cached = {key for key in cache.frames.present(job.key for job in plan) if cache.frames.get(key) is not None}
-            missing_frames += sum(1 for job in plan if job.key not in cached)
     else:
         raise RuntimeError("frames keep disappearing from the cache while outputs are written")
+    # Frames this process rendered; the rest came from the cache (or from another render sharing it).
+    rendered = sum(1 for job in plan if renderer and job.key in renderer.rendered)
     return {
         "scene": str(scene.path),
         "frames": len(plan),
-        "rendered": missing_frames,
-        "cached": len(plan) - missing_frames,
+        "rendered": rendered,
+        "cached": len(plan) - rendered,
         "renders": renderer.done if renderer else 0,
         "embeddings_encoded": renderer.encoded if renderer else 0,
         "outputs": [str(t.path) for t in targets],
@@ -209,6 +209,7 @@ class Renders:
         self.batch_size = batch_size or default_batch_size(env.device)
         self.quiet = quiet
         self.done = 0
+        self.rendered: set[str] = set()  # keys this process rendered (others sharing the cache render the rest)
         self.stop_requested = False
         self.log = os.environ.get("SD_SCENES_RENDER_LOG")  # debugging aid: one line per stored frame
 
@@ -247,7 +248,7 @@ class Renders:
                         try:
                             self._render(todo)
                         finally:
-                            claims.release(job.key for job in todo)
+                            _quietly(claims.release, [job.key for job in todo])
                         for job in todo:
                             queue.finish(job.key)
                         bar.update(sum(per_key[job.key] for job in todo))
@@ -269,7 +270,8 @@ class Renders:
         finally:
             bar.close()
             if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+                # Once stopping, further Ctrl-Cs are ignored until the process has exited cleanly.
+                signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop_requested else previous_handler)
 
     def _render(self, batch: list[Any]) -> None:
         """Render one batch, halving it on out-of-memory; store every frame the moment it is done."""
@@ -294,6 +296,7 @@ class Renders:
             # Stored at once: a run killed after this line resumes without rendering this frame again.
             self.cache.frames.put(job.key, png)
             self.done += 1
+            self.rendered.add(job.key)
             if self.log:
                 with open(self.log, "a") as f:
                     f.write(f"{job.key} {os.getpid()}\n")
@@ -345,6 +348,14 @@ class _ReadyQueue:
         self.remaining.pop(key, None)
         for job in self.waiting.pop(key, []):
             self.put_back(job)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    """Run a clean-up step whose failure (a full disk, say) must not hide the error being raised."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        print(f"warning: clean-up failed: {exc}", file=sys.stderr)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

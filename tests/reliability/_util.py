@@ -143,8 +143,8 @@ def render_sync(
     return json.loads(report.read_text())
 
 
-def plan_keys(scene: Path, cache: Path) -> list[str]:
-    """The frame keys of the scene, in frame order (``--plan --json``: no torch, writes nothing)."""
+def plan_rows(scene: Path, cache: Path) -> list[dict[str, Any]]:
+    """``--plan --json``: one object per frame (key, cached, ...); no torch, writes nothing."""
     out = subprocess.run(
         [sys.executable, "render.py", str(scene), "--plan", "--json", "--cache-dir", str(cache)],
         cwd=ROOT,
@@ -153,15 +153,23 @@ def plan_keys(scene: Path, cache: Path) -> list[str]:
         check=True,
         timeout=120,
     )
-    return [row["key"] for row in json.loads(out.stdout)]
+    return list(json.loads(out.stdout))
+
+
+def plan_keys(scene: Path, cache: Path) -> list[str]:
+    """The frame keys of the scene, in frame order."""
+    return [row["key"] for row in plan_rows(scene, cache)]
 
 
 def read_log(log: Path) -> list[tuple[str, int]]:
-    """The render log's lines as (frame key, pid); every line must be well formed."""
-    if not log.exists():
+    """The render log's lines as (frame key, pid); every complete line must be well formed (a last line
+    without its newline is being written right now and is left out)."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
         return []
     rows = []
-    for line in log.read_text().splitlines():
+    for line in text.split("\n")[:-1]:
         key, pid = line.split()
         assert len(key) == 64, line
         rows.append((key, int(pid)))

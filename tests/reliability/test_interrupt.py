@@ -87,12 +87,6 @@ def test_three_quick_ctrl_c_stop_at_once_and_the_next_run_resumes(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after the second Ctrl-C, Renders.run restores Python's SIGINT handler, so a further Ctrl-C "
-    "while the CLI exits is not ignored: the process dies by SIGINT (returncode -2, not 130) or prints "
-    "'Exception ignored in threading._shutdown ... KeyboardInterrupt'",
-)
 def test_further_ctrl_c_while_exiting_are_ignored(tmp_path: Path) -> None:
     _scene, _cache, _out, _log, run = start(tmp_path)
     os.kill(run.pid, signal.SIGINT)

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.cache import CacheDir
 from pipeline.interpolate import Entry, conditioning, noise_for
+from pipeline.keys import key_of
 from pipeline.planner import FrameJob, Plan
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
@@ -222,8 +223,10 @@ class FrameRenderer:
         return latents.to(self.device, self.dtype)
 
     def _generators(self, jobs: Sequence[FrameJob]) -> list[torch.Generator]:
-        # Per-step noise of ancestral samplers and VAE sampling come from each frame's own generator.
-        return [torch.Generator("cpu").manual_seed(int(job.key[:15], 16)) for job in jobs]
+        # Per-step noise of ancestral samplers and VAE sampling come from each frame's own generator,
+        # seeded from its noise recipe: frames with the same seed get the same extra noise too, and a
+        # change elsewhere in the key (a library version) does not reshuffle it.
+        return [torch.Generator("cpu").manual_seed(int(key_of(job.recipe["noise"])[:15], 16)) for job in jobs]
 
     def _mode_pipe(self, mode: str) -> Any:
         name = PIPELINES[(self.family, mode)]

@@ -77,7 +77,9 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def run_cli(args: Sequence[str], *, stdout: Any = subprocess.DEVNULL, check: bool = True, **kw: Any) -> tuple[float, subprocess.CompletedProcess]:
+def run_cli(
+    args: Sequence[str], *, stdout: Any = subprocess.DEVNULL, check: bool = True, **kw: Any
+) -> tuple[float, subprocess.CompletedProcess]:
     """Run ``python render.py ARGS`` as a subprocess from the project root; (wall seconds, result)."""
     cmd = [PYTHON, str(ROOT / "render.py"), *map(str, args)]
     t0 = time.perf_counter()
@@ -116,23 +118,44 @@ def machine() -> dict[str, str]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    gpu = "no GPU" if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dri/renderD128")) else "GPU device present"
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "ram": ram, "gpu": gpu, "python": platform.python_version()}
+    gpu = (
+        "no GPU"
+        if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dri/renderD128"))
+        else "GPU device present"
+    )
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "ram": ram,
+        "gpu": gpu,
+        "python": platform.python_version(),
+    }
 
 
 def header(title: str) -> None:
     m = machine()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     print(f"# {title}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; nproc={m['nproc']}; cpu={m['cpu']}; ram={m['ram']}; {m['gpu']}; python {m['python']}")
-    print(f"# load average at start: {load}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; code: {revision()}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; nproc={m['nproc']}; cpu={m['cpu']}; ram={m['ram']}; {m['gpu']}; python {m['python']}"
+    )
+    print(
+        f"# load average at start: {load}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; code: {revision()}"
+    )
 
 
 def revision() -> str:
     """The git commit of the code measured, and the pipeline files changed since (read-only git)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--short", "--", "pipeline", "render.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--short", "--", "pipeline", "render.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
     except OSError:
         return "unknown"
     changed = [p for p in dirty if "/" in p or p.endswith(".py")]

@@ -60,7 +60,9 @@ def main() -> None:
             p = plan(scene, env)
             calls.clear()
             with CacheDir(d / f"cache-{n}") as cache:
-                t, result = c.timed(lambda: run(scene, env, ref, p, cache, set(), [], batch_size=4, quiet=True))
+                t, result = c.timed(
+                    lambda: run(scene, env, ref, p, cache, set(), [], batch_size=4, quiet=True)
+                )
             assert result["rendered"] == n, result
             rows.append((n, len(calls), t, 1000 * t / n))
     c.table(["frames", "batches", "run() s", "ms per frame"], rows)

@@ -61,9 +61,20 @@ def sample_rss(pid: int, out: list[tuple[float, int]], stop: threading.Event) ->
 
 def render(folder: Path, frames: int) -> dict:
     """Render a fresh ``frames``-frame scene in a child; returns its peak RSS, time and report."""
-    scene = c.write_scene(folder, SCENE.format(frames=frames, mid=frames // 2, last=frames - 1), f"mem{frames}")
+    scene = c.write_scene(
+        folder, SCENE.format(frames=frames, mid=frames // 2, last=frames - 1), f"mem{frames}"
+    )
     report = folder / "report.json"
-    cmd = [c.PYTHON, str(c.ROOT / "render.py"), str(scene), "--cache-dir", str(folder / "cache"), "-q", "--report", str(report)]
+    cmd = [
+        c.PYTHON,
+        str(c.ROOT / "render.py"),
+        str(scene),
+        "--cache-dir",
+        str(folder / "cache"),
+        "-q",
+        "--report",
+        str(report),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=c.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples: list[tuple[float, int]] = []
@@ -81,7 +92,13 @@ def render(folder: Path, frames: int) -> dict:
     r = c.read_json(report)
     assert (r["rendered"], r["cached"]) == (frames, 0), r
     peak_at = max(samples, key=lambda s: s[1])[0] if samples else float("nan")
-    return {"peak_kib": usage.ru_maxrss, "seconds": secs, "report_s": r["seconds"], "peak_at": peak_at, "sampled_kib": max((s[1] for s in samples), default=0)}
+    return {
+        "peak_kib": usage.ru_maxrss,
+        "seconds": secs,
+        "report_s": r["seconds"],
+        "peak_at": peak_at,
+        "sampled_kib": max((s[1] for s in samples), default=0),
+    }
 
 
 def main() -> None:
@@ -91,7 +108,9 @@ def main() -> None:
         short, long = map(int, sys.argv[sys.argv.index("--frames") + 1].split(","))
         rounds = 1
     c.threads()
-    c.header(f"memory: peak RSS of a {long}-frame render against a {short}-frame render (32x32, 2 steps, MP4 + GIF)")
+    c.header(
+        f"memory: peak RSS of a {long}-frame render against a {short}-frame render (32x32, 2 steps, MP4 + GIF)"
+    )
     results: dict[int, list[dict]] = {short: [], long: []}
     with c.workdir() as d:
         for r in range(rounds):
@@ -101,11 +120,32 @@ def main() -> None:
     for frames, rs in results.items():
         for i, res in enumerate(rs):
             rows.append(
-                (frames, i + 1, res["peak_kib"] / 1024, res["sampled_kib"] / 1024, res["peak_at"], res["seconds"], res["report_s"])
+                (
+                    frames,
+                    i + 1,
+                    res["peak_kib"] / 1024,
+                    res["sampled_kib"] / 1024,
+                    res["peak_at"],
+                    res["seconds"],
+                    res["report_s"],
+                )
             )
-    c.table(["frames", "run", "peak RSS MiB (wait4)", "max sampled VmRSS MiB", "sampled peak at s", "wall s", "report seconds"], rows)
+    c.table(
+        [
+            "frames",
+            "run",
+            "peak RSS MiB (wait4)",
+            "max sampled VmRSS MiB",
+            "sampled peak at s",
+            "wall s",
+            "report seconds",
+        ],
+        rows,
+    )
     peak = {f: max(x["peak_kib"] for x in rs) / 1024 for f, rs in results.items()}
-    print(f"peak {long} frames / peak {short} frames = {peak[long]:.1f} / {peak[short]:.1f} MiB = {peak[long] / peak[short]:.3f}")
+    print(
+        f"peak {long} frames / peak {short} frames = {peak[long]:.1f} / {peak[short]:.1f} MiB = {peak[long] / peak[short]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,16 @@ def main() -> None:
         t, _ = c.run_cli(args)
         r = c.read_json(report)
         assert (r["rendered"], r["cached"]) == (frames, 0), r
-        rows.append(("cold render (subprocess)", 1, t, t, t, f"{r['rendered']} rendered; report seconds {r['seconds']}"))
+        rows.append(
+            (
+                "cold render (subprocess)",
+                1,
+                t,
+                t,
+                t,
+                f"{r['rendered']} rendered; report seconds {r['seconds']}",
+            )
+        )
 
         times = []
         for _ in range(n):
@@ -75,24 +84,60 @@ def main() -> None:
             assert (r["rendered"], r["cached"]) == (0, frames), r
             assert set(r["output_status"].values()) == {"up to date"}, r["output_status"]
             times.append(t)
-        rows.append(("no-op re-run (subprocess)", n, c.median(times), min(times), max(times), f"0 rendered, {frames} cached, outputs up to date; report seconds {r['seconds']}"))
+        rows.append(
+            (
+                "no-op re-run (subprocess)",
+                n,
+                c.median(times),
+                min(times),
+                max(times),
+                f"0 rendered, {frames} cached, outputs up to date; report seconds {r['seconds']}",
+            )
+        )
 
         plan_times = [c.run_cli([scene, "--cache-dir", cache, "--plan"])[0] for _ in range(n)]
         rows.append(("--plan (subprocess)", n, c.median(plan_times), min(plan_times), max(plan_times), ""))
 
-        for what, code in [("python -c pass", "pass"), ("python -c 'import pipeline.cli'", "import pipeline.cli")]:
-            ts = [c.timed(lambda: subprocess.run([c.PYTHON, "-c", code], cwd=c.ROOT, check=True))[0] for _ in range(n)]
+        for what, code in [
+            ("python -c pass", "pass"),
+            ("python -c 'import pipeline.cli'", "import pipeline.cli"),
+        ]:
+            ts = [
+                c.timed(lambda: subprocess.run([c.PYTHON, "-c", code], cwd=c.ROOT, check=True))[0]
+                for _ in range(n)
+            ]
             rows.append((what, n, c.median(ts), min(ts), max(ts), "for scale"))
 
-        out = subprocess.run([c.PYTHON, "-c", WRAPPER, *map(str, args)], cwd=c.ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [c.PYTHON, "-c", WRAPPER, *map(str, args)], cwd=c.ROOT, capture_output=True, text=True, check=True
+        )
         torch_line = out.stdout.strip().splitlines()[-1]
-        imp = subprocess.run([c.PYTHON, "-X", "importtime", "-c", WRAPPER, *map(str, args)], cwd=c.ROOT, capture_output=True, text=True, check=True)
-        heavy = sorted({ln.split("|")[-1].strip().split(".")[0] for ln in imp.stderr.splitlines() if ln.startswith("import time:")} & {"torch", "diffusers", "transformers", "numpy", "PIL", "imageio"})
-        total_us = sum(int(ln.split("|")[0].split(":")[1]) for ln in imp.stderr.splitlines() if ln.startswith("import time:") and ln.split("|")[0].split(":")[1].strip().isdigit())
+        imp = subprocess.run(
+            [c.PYTHON, "-X", "importtime", "-c", WRAPPER, *map(str, args)],
+            cwd=c.ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        heavy = sorted(
+            {
+                ln.split("|")[-1].strip().split(".")[0]
+                for ln in imp.stderr.splitlines()
+                if ln.startswith("import time:")
+            }
+            & {"torch", "diffusers", "transformers", "numpy", "PIL", "imageio"}
+        )
+        total_us = sum(
+            int(ln.split("|")[0].split(":")[1])
+            for ln in imp.stderr.splitlines()
+            if ln.startswith("import time:") and ln.split("|")[0].split(":")[1].strip().isdigit()
+        )
 
     c.table(["run", "n", "median s", "min s", "max s", "note"], rows)
     print(f"torch after a no-op re-run (sys.modules): {torch_line}")
-    print(f"-X importtime: heavy packages imported: {heavy or 'none'}; sum of self import times under -X importtime {total_us / 1e6:.2f} s")
+    print(
+        f"-X importtime: heavy packages imported: {heavy or 'none'}; sum of self import times under -X importtime {total_us / 1e6:.2f} s"
+    )
 
 
 if __name__ == "__main__":

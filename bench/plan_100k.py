@@ -78,7 +78,8 @@ def main() -> None:
         t_both = c.repeat(lambda: plan(scene, resolve_env(scene, device="cpu")), n_in)
         cache = d / "cache"
         t_cli = [
-            c.run_cli([path, "--plan", "--json", "--device", "cpu", "--cache-dir", cache])[0] for _ in range(n_cli)
+            c.run_cli([path, "--plan", "--json", "--device", "cpu", "--cache-dir", cache])[0]
+            for _ in range(n_cli)
         ]
         assert not cache.exists(), "--plan must not write a cache"
 

@@ -128,7 +128,9 @@ def main() -> None:
             scene = load_scene(path)
             env = resolve_env(scene, device="cpu")
             ref = resolve_model(scene.model, scene.base_dir)
-            t_load, pipe = c.timed(lambda: configure(load_pipeline(ref, device="cpu", dtype="float32"), scene))
+            t_load, pipe = c.timed(
+                lambda: configure(load_pipeline(ref, device="cpu", dtype="float32"), scene)
+            )
             pipeline.models.load_pipeline = lambda *a, pipe=pipe, **k: pipe  # run() reuses it: no load timed
             print(f"# {size}x{size}: model load {t_load:.2f} s (excluded from every timing below)")
             naive(pipe, torch, slerp, encode_png, 2, size)  # untimed warm-up

@@ -343,7 +343,11 @@ def _check_mp4(tmp: Path, path: Path, expected: int) -> None:
     import imageio_ffmpeg
 
     free = shutil.disk_usage(tmp.parent).free
-    why = f"No space left on device: {free} bytes free" if free < 1 << 20 else "is the disk full? see ffmpeg's messages above"
+    why = (
+        f"No space left on device: {free} bytes free"
+        if free < 1 << 20
+        else "is the disk full? see ffmpeg's messages above"
+    )
     if not tmp.exists() or tmp.stat().st_size == 0:
         raise OutputError(f"ffmpeg produced no output for {path.name} ({why})")
     try:

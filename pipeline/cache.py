@@ -314,7 +314,9 @@ class Store:
         try:
             return bool(self._cache.add(key, payload, retry=False))
         except diskcache.Timeout as exc:
-            raise TimeoutError(f"could not lock {self._directory / DBNAME} for writing within {self._cache.timeout}s") from exc
+            raise TimeoutError(
+                f"could not lock {self._directory / DBNAME} for writing within {self._cache.timeout}s"
+            ) from exc
 
     def __contains__(self, key: object) -> bool:
         """Whether a row exists for `key`; whether it is readable is only known after `get`.

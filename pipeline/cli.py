@@ -40,7 +40,12 @@ DEFAULT_CACHE = PROJECT_ROOT / "cache"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
-cache_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Show or clear the cache.")
+cache_app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Show or clear the cache.",
+)
 app.add_typer(cache_app, name="cache")
 
 
@@ -108,7 +113,9 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
         # One object per line: readable, and json.dumps without indent uses the fast C encoder.
         typer.echo("[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]")
         return
-    typer.echo(f"{scene.path.name}: {len(p)} frames, {scene.width}x{scene.height}, {scene.steps} steps, model {env.model} on {env.device}/{env.dtype}")
+    typer.echo(
+        f"{scene.path.name}: {len(p)} frames, {scene.width}x{scene.height}, {scene.steps} steps, model {env.model} on {env.device}/{env.dtype}"
+    )
     header = f"{'frame':>6}  {'key':12}  {'prompt':54}  {'noise':22}  {'values':28}  status"
     typer.echo(header)
     for j, s in zip(p, status, strict=True):
@@ -126,15 +133,27 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
 @app.command("render")
 def render_command(
     scene_file: Path = typer.Argument(..., help="The scene YAML file.", show_default=False),
-    plan_only: bool = typer.Option(False, "--plan", help="Show the frames and whether each is cached; render nothing."),
+    plan_only: bool = typer.Option(
+        False, "--plan", help="Show the frames and whether each is cached; render nothing."
+    ),
     as_json: bool = typer.Option(False, "--json", help="With --plan: print JSON, one object per frame."),
-    model: str | None = typer.Option(None, "--model", help="Override the scene's model: embedded name, HF id or folder."),
+    model: str | None = typer.Option(
+        None, "--model", help="Override the scene's model: embedded name, HF id or folder."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Frames per pipeline call (default: 4 on CPU, 8 on GPU)."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Where frames and embeddings are cached."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Output folder (default: renders/<scene name>/ beside the scene)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Frames per pipeline call (default: 4 on CPU, 8 on GPU)."
+    ),
+    cache_dir: Path = typer.Option(
+        DEFAULT_CACHE, "--cache-dir", help="Where frames and embeddings are cached."
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: renders/<scene name>/ beside the scene)."
+    ),
     report: Path | None = typer.Option(None, "--report", help="Write a JSON report of the run here."),
-    allow_outside_inputs: bool = typer.Option(False, "--allow-outside-inputs", help="Accept input files outside the scene's folder."),
+    allow_outside_inputs: bool = typer.Option(
+        False, "--allow-outside-inputs", help="Accept input files outside the scene's folder."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Render a scene: only frames that are not cached are rendered; outputs are rebuilt when they changed."""
@@ -178,7 +197,9 @@ def render_command(
             env = resolve_env(scene, device=device, ref=ref)
         except ModelError as exc:
             _fail([f"{scene_file}: {exc}"])
-        misfits = check_against_model(scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index)
+        misfits = check_against_model(
+            scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index
+        )
         if misfits:
             _fail([str(m) for m in misfits])
         p = plan(scene, env)
@@ -223,7 +244,13 @@ def render_command(
             _fail([f"{scene_file}: {exc}"])
         except (OSError, sqlite3.Error) as exc:
             # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
-            _fail([f"error: {exc}", "frames finished so far are cached; fix the problem and run again to resume"], code=1)
+            _fail(
+                [
+                    f"error: {exc}",
+                    "frames finished so far are cached; fix the problem and run again to resume",
+                ],
+                code=1,
+            )
         result["seconds"] = round(time.perf_counter() - started, 3)
         typer.echo(
             f"{result['frames']} frames: {result['rendered']} rendered, {result['cached']} cached; "
@@ -240,7 +267,11 @@ def cache_info(cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir")) -> 
     try:
         cache = CacheDir.open_readonly(cache_dir)
     except sqlite3.DatabaseError as exc:
-        _fail([f"{cache_dir}: the cache is damaged ({exc}); clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"])
+        _fail(
+            [
+                f"{cache_dir}: the cache is damaged ({exc}); clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
+            ]
+        )
     if cache is None:
         typer.echo(f"{cache_dir}: empty (no cache yet)")
         return
@@ -269,7 +300,9 @@ def cache_clear(
             cache.clear()
     except sqlite3.DatabaseError as exc:
         # A damaged store cannot be opened to be emptied: remove the stores whole (only ours).
-        before = sum(f.stat().st_size for name in STORE_NAMES for f in (cache_dir / name).rglob("*") if f.is_file())
+        before = sum(
+            f.stat().st_size for name in STORE_NAMES for f in (cache_dir / name).rglob("*") if f.is_file()
+        )
         for name in STORE_NAMES:
             shutil.rmtree(cache_dir / name, ignore_errors=True)
         typer.echo(f"{cache_dir}: the cache was damaged ({exc}); removed its stores")

@@ -44,7 +44,9 @@ def plan_record_key(scene_path: Path) -> str:
 def save_plan(records: Store, scene_path: Path, plan: Plan) -> None:
     """Remember this plan as the scene's latest (called when a render starts)."""
     data = {"base": plan.base, "keys": [j.key for j in plan], "recipes": [j.recipe for j in plan]}
-    records.put(plan_record_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6))
+    records.put(
+        plan_record_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
+    )
 
 
 def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:
@@ -81,7 +83,9 @@ def frame_status(plan: Plan, previous: dict[str, Any] | None, cached: set[str]) 
     base_changes: list[str] = []
     if previous is not None:
         old_base = previous.get("base", {})
-        base_changes = [label for field, label in _BASE_FIELDS.items() if plan.base.get(field) != old_base.get(field)]
+        base_changes = [
+            label for field, label in _BASE_FIELDS.items() if plan.base.get(field) != old_base.get(field)
+        ]
     old_keys: list[str] = previous.get("keys", []) if previous else []
     old_recipes: list[dict[str, Any]] = previous.get("recipes", []) if previous else []
     out: list[str] = []

@@ -68,7 +68,10 @@ def walk_direction(entry: Entry, direction: Any) -> Entry:
     if direction == "ones":
         return {name: torch.ones_like(t) for name, t in entry.items()}
     gen = torch.Generator("cpu").manual_seed(int(direction["random"]))
-    return {name: torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) for name, t in entry.items()}
+    return {
+        name: torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
+        for name, t in entry.items()
+    }
 
 
 def conditioning(cond: Mapping[str, Any], embeddings: Mapping[str, Entry]) -> Entry:

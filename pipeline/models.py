@@ -81,7 +81,9 @@ class ModelRef:
         try:
             return dict(json.loads(path.read_text()))
         except ValueError as exc:
-            raise ModelError(f"model '{self.spec}': {path} is not valid JSON ({exc}); re-download the model") from None
+            raise ModelError(
+                f"model '{self.spec}': {path} is not valid JSON ({exc}); re-download the model"
+            ) from None
 
 
 def family_of(pipeline_class: str) -> str:
@@ -119,13 +121,17 @@ def resolve_model(
         if (local / "model_index.json").is_file():
             folder, kind = local, "local"
         elif local.exists() or spec.startswith((".", "/", "~")):
-            raise ModelError(f"model folder '{spec}' has no model_index.json; point at a diffusers pipeline folder")
+            raise ModelError(
+                f"model folder '{spec}' has no model_index.json; point at a diffusers pipeline folder"
+            )
         else:
             return _resolve_hub(spec, revision)
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except ValueError as exc:
-        raise ModelError(f"model '{spec}': {folder / 'model_index.json'} is not valid JSON ({exc}); re-download the model") from None
+        raise ModelError(
+            f"model '{spec}': {folder / 'model_index.json'} is not valid JSON ({exc}); re-download the model"
+        ) from None
     _check_folder(spec, folder, index)
     return ModelRef(spec, kind, folder, index, _folder_fingerprint(folder, index, memo), revision)
 
@@ -135,13 +141,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
 
 def _check_folder(spec: str, folder: Path, index: dict[str, Any]) -> None:
     """Every component named in model_index.json is there, with its config and its weights."""
-    fix = "re-download it" + (" or run 'python tools/make_tiny_models.py'" if folder.parent == EMBEDDED_DIR else "")
+    fix = "re-download it" + (
+        " or run 'python tools/make_tiny_models.py'" if folder.parent == EMBEDDED_DIR else ""
+    )
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         comp = folder / name
         if not comp.is_dir():
-            raise ModelError(f"model '{spec}' is incomplete: its '{name}' folder is missing in {folder}; {fix}")
+            raise ModelError(
+                f"model '{spec}' is incomplete: its '{name}' folder is missing in {folder}; {fix}"
+            )
         is_model = any(comp.glob("config.json"))
         if is_model and not any(p.suffix in WEIGHT_SUFFIXES for p in comp.iterdir()):
             raise ModelError(f"model '{spec}' is incomplete: no weight file in {comp}; {fix}")
@@ -176,7 +186,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
     return ModelRef(repo_id, "hub", folder, index, fp, revision)
 
 
-def _folder_fingerprint(folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None) -> dict[str, str]:
+def _folder_fingerprint(
+    folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None
+) -> dict[str, str]:
     """Per component, the sha256 over its files' names and content hashes."""
     # model_index.json picks the classes (a scheduler swapped there changes pixels): it is part of the model.
     out: dict[str, str] = {"model_index": memo_digest(folder / "model_index.json", memo)}

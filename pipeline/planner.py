@@ -132,7 +132,9 @@ def _tracks(scene: Scene) -> dict[str, _Track]:
     hold_at_0 = bool(kfs and kfs[0][0] == 0 and kfs[0][1].hold)
     tracks: dict[str, _Track] = {}
 
-    def track(name: str, top: Any, getter: Callable[[Keyframe], Any], *, has_top: bool = True, held: bool = False) -> None:
+    def track(
+        name: str, top: Any, getter: Callable[[Keyframe], Any], *, has_top: bool = True, held: bool = False
+    ) -> None:
         t = _Track()
         if has_top and not any(f == 0 and getter(kf) is not None for f, kf in kfs):
             t.add(0, top, default_curve, held or hold_at_0)
@@ -287,7 +289,10 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
     for n in range(total):
         # 1. Conditioning: which embeddings, mixed how.
         if walk is not None:
-            cond: dict[str, Any] = {"a": [[walk_key, 1.0]], "walk": {"offset": round_float(n * walk.step_size), "direction": direction}}
+            cond: dict[str, Any] = {
+                "a": [[walk_key, 1.0]],
+                "walk": {"offset": round_float(n * walk.step_size), "direction": direction},
+            }
         elif grid is not None:
             r, c = divmod(n, grid.cols)
             u = round_float(c / (grid.cols - 1)) if grid.cols > 1 else 0.0
@@ -315,7 +320,12 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
                 # A feedback frame starts from the frame before it: its key carries that frame's key,
                 # so an edit at frame k re-renders k and everything after, and nothing before.
                 mode["prev"] = prev_key
-        recipe: dict[str, Any] = {"cond": cond, "noise": _noise(scene, tracks, n, total), "scalars": scalars, "mode": mode}
+        recipe: dict[str, Any] = {
+            "cond": cond,
+            "noise": _noise(scene, tracks, n, total),
+            "scalars": scalars,
+            "mode": mode,
+        }
         # Without guidance (<= 1) diffusers never runs the negative branch: it cannot change pixels.
         if scalars["guidance"] > 1.0:
             recipe["neg"] = _cond(tracks["negative_prompt"], n, negatives, method)

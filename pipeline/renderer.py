@@ -89,7 +89,9 @@ def configure(pipe: Any, scene: Scene) -> Any:
     for lora in scene.loras:
         # LoRA weights go into the denoiser only: embeddings are cached apart from any LoRA scale.
         prefix = "transformer" if hasattr(pipe, "transformer") and pipe.transformer is not None else "unet"
-        denoiser.load_lora_adapter(str(scene.resolve(lora.path)), prefix=prefix, adapter_name=scene.lora_name(lora))
+        denoiser.load_lora_adapter(
+            str(scene.resolve(lora.path)), prefix=prefix, adapter_name=scene.lora_name(lora)
+        )
     return pipe
 
 
@@ -110,7 +112,9 @@ def injected_noise(pipe: Any, noise: torch.Tensor) -> Iterator[None]:
     original = module.randn_tensor
     used = []
 
-    def draw(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None) -> torch.Tensor:
+    def draw(
+        shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, layout: Any = None
+    ) -> torch.Tensor:
         if not used and tuple(shape) == tuple(noise.shape):
             used.append(True)
             return noise.to(device=device, dtype=dtype)
@@ -122,7 +126,9 @@ def injected_noise(pipe: Any, noise: torch.Tensor) -> Iterator[None]:
     finally:
         module.randn_tensor = original
     if not used:
-        raise RuntimeError(f"{type(pipe).__name__} drew no latent noise; this diffusers version is not supported")
+        raise RuntimeError(
+            f"{type(pipe).__name__} drew no latent noise; this diffusers version is not supported"
+        )
 
 
 def motion(image: Image.Image, zoom: float, angle: float, tx: float, ty: float) -> Image.Image:
@@ -134,9 +140,13 @@ def motion(image: Image.Image, zoom: float, angle: float, tx: float, ty: float) 
     a = math.radians(angle)
     # affine_grid maps output coordinates to input ones, in [-1, 1]: the inverse of the motion.
     cos, sin = math.cos(a) / zoom, math.sin(a) / zoom
-    theta = torch.tensor([[[cos, -sin * h / w, -2 * tx / w], [sin * w / h, cos, -2 * ty / h]]], dtype=torch.float32)
+    theta = torch.tensor(
+        [[[cos, -sin * h / w, -2 * tx / w], [sin * w / h, cos, -2 * ty / h]]], dtype=torch.float32
+    )
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    out = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        x, grid, mode="bicubic", padding_mode="reflection", align_corners=False
+    )
     arr = (out[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return Image.fromarray(arr)
 
@@ -178,12 +188,20 @@ class FrameRenderer:
         pipe = self.pipe
         if self.family == "sd":
             embeds, _ = pipe.encode_prompt(
-                text, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=clip_skip
+                text,
+                self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=clip_skip,
             )
             entry = {"prompt_embeds": embeds}
         elif self.family == "sdxl":
             embeds, _, pooled, _ = pipe.encode_prompt(
-                text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False, clip_skip=clip_skip
+                text,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=clip_skip,
             )
             entry = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         else:
@@ -245,7 +263,9 @@ class FrameRenderer:
         if key not in self._images:
             rel = next(rel for rel, h in self.plan.files.items() if h == digest)
             with Image.open(self.scene.resolve(rel)) as im:
-                self._images[key] = im.convert(mode).resize((self.scene.width, self.scene.height), Image.LANCZOS)
+                self._images[key] = im.convert(mode).resize(
+                    (self.scene.width, self.scene.height), Image.LANCZOS
+                )
         return self._images[key]
 
     def _previous(self, job: FrameJob) -> Image.Image | None:
@@ -254,7 +274,9 @@ class FrameRenderer:
             return None
         blob = self.cache.frames.get(prev)
         if blob is None:
-            raise RuntimeError(f"frame {job.frame - 1} is missing from the cache; feedback frame {job.frame} needs it")
+            raise RuntimeError(
+                f"frame {job.frame - 1} is missing from the cache; feedback frame {job.frame} needs it"
+            )
         return Image.open(io.BytesIO(blob)).convert("RGB")
 
     # 3. Denoise with the mode's diffusers pipeline (which also decodes with the VAE).
@@ -299,7 +321,9 @@ class FrameRenderer:
             if name == "inpaint":
                 kwargs["mask_image"] = [self._image(mode["mask"], "L")] * len(jobs)
             if name == "depth2img" and mode.get("depth", "estimated") != "estimated":
-                depth = torch.from_numpy(np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0)
+                depth = torch.from_numpy(
+                    np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0
+                )
                 kwargs["depth_map"] = depth[None].repeat(len(jobs), 1, 1)
         pipe = self._mode_pipe(name)
         if "height" in inspect.signature(pipe.__call__).parameters:
@@ -312,7 +336,9 @@ class FrameRenderer:
 
     def render_batch(self, batch: Sequence[FrameJob]) -> list[bytes]:
         """Render one batch (equal settings; each feedback frame's previous frame already cached)."""
-        self.encode_prompts(key for job in batch for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part)))
+        self.encode_prompts(
+            key for job in batch for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part))
+        )
         return [encode_png(img) for img in self.denoise(batch, self.prepare_latents(batch))]
 
 

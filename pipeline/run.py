@@ -56,9 +56,19 @@ def check_outputs(scene: Scene, out_dir: Path) -> list[Target]:
         assert kind is not None  # validated with the scene
         path = (out_dir / out.path).resolve()
         if not path.is_relative_to(out_dir):
-            problems.append(scene.problem(("outputs", i), f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}"))
+            problems.append(
+                scene.problem(
+                    ("outputs", i),
+                    f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}",
+                )
+            )
         elif path in protected or (kind == "frames" and any(p.is_relative_to(path) for p in protected)):
-            problems.append(scene.problem(("outputs", i), f"output '{out.path}' would overwrite {path}, the scene or one of its inputs; choose another path or --out"))
+            problems.append(
+                scene.problem(
+                    ("outputs", i),
+                    f"output '{out.path}' would overwrite {path}, the scene or one of its inputs; choose another path or --out",
+                )
+            )
         targets.append(Target(out, kind, path))
     if problems:
         raise SceneError(problems)
@@ -94,7 +104,9 @@ def _settings(scene: Scene, target: Target) -> dict[str, Any]:
     if target.kind == "gif":
         return {"fps": fps, "rubber_band": out.rubber_band, "loop": out.loop}
     if target.kind == "grid":
-        cols = out.cols or (scene.grid.cols if scene.grid else max(1, round(len(scene.keyframes) ** 0.5) or 1))
+        cols = out.cols or (
+            scene.grid.cols if scene.grid else max(1, round(len(scene.keyframes) ** 0.5) or 1)
+        )
         return {"cols": cols}
     return {}
 
@@ -108,7 +120,15 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
         target.path.parent.mkdir(parents=True, exist_ok=True)
         clean_partials(target.path.parent)  # temporary files of a run killed while writing outputs
         settings = _settings(scene, target)
-        out_key = key_of({"kind": "output", "v": ASSEMBLE_VERSION, "type": target.kind, "frames": keys, "settings": settings})
+        out_key = key_of(
+            {
+                "kind": "output",
+                "v": ASSEMBLE_VERSION,
+                "type": target.kind,
+                "frames": keys,
+                "settings": settings,
+            }
+        )
         rec_key = record_key("output", str(target.path))
         record = cache.records.get_json(rec_key)
         if record and record.get("key") == out_key and _stamp(target.path) == record.get("stamp"):
@@ -164,7 +184,11 @@ def run(
             break
         except FrameMissing:
             # A cached frame was corrupt (the cache warned): render every unreadable frame again.
-            cached = {key for key in cache.frames.present(job.key for job in plan) if cache.frames.get(key) is not None}
+            cached = {
+                key
+                for key in cache.frames.present(job.key for job in plan)
+                if cache.frames.get(key) is not None
+            }
     else:
         raise RuntimeError("frames keep disappearing from the cache while outputs are written")
     # Frames this process rendered; the rest came from the cache (or from another render sharing it).
@@ -197,7 +221,14 @@ class Renders:
     POLL_S = 0.2
 
     def __init__(
-        self, scene: Scene, env: RenderEnv, ref: ModelRef, plan: Plan, cache: CacheDir, batch_size: int | None, quiet: bool
+        self,
+        scene: Scene,
+        env: RenderEnv,
+        ref: ModelRef,
+        plan: Plan,
+        cache: CacheDir,
+        batch_size: int | None,
+        quiet: bool,
     ):
         from pipeline.models import load_pipeline
         from pipeline.renderer import FrameRenderer, configure, default_batch_size
@@ -209,7 +240,9 @@ class Renders:
         self.batch_size = batch_size or default_batch_size(env.device)
         self.quiet = quiet
         self.done = 0
-        self.rendered: set[str] = set()  # keys this process rendered (others sharing the cache render the rest)
+        self.rendered: set[str] = (
+            set()
+        )  # keys this process rendered (others sharing the cache render the rest)
         self.stop_requested = False
         self.log = os.environ.get("SD_SCENES_RENDER_LOG")  # debugging aid: one line per stored frame
 
@@ -224,10 +257,19 @@ class Renders:
 
         claims = Claims(self.cache.records)
         per_key = Counter(job.key for job in self.plan)  # a held frame repeats one key
-        bar = tqdm(total=len(self.plan), initial=already, unit="frame", disable=self.quiet or None, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(self.plan),
+            initial=already,
+            unit="frame",
+            disable=self.quiet or None,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         bar.set_postfix_str(f"cached {already}, rendered {self.done}")
         queue = _ReadyQueue(jobs)
-        elsewhere: dict[str, Any] = {}  # claimed by another live process: wait for it, take it over if it dies
+        elsewhere: dict[
+            str, Any
+        ] = {}  # claimed by another live process: wait for it, take it over if it dies
         previous_handler = self._catch_sigint()
         try:
             while queue.remaining:
@@ -287,7 +329,10 @@ class Renders:
                 ) from None
             _free_memory()
             self.batch_size = max(1, len(batch) // 2)
-            print(f"out of memory with {len(batch)} frames per batch; going on with {self.batch_size}", file=sys.stderr)
+            print(
+                f"out of memory with {len(batch)} frames per batch; going on with {self.batch_size}",
+                file=sys.stderr,
+            )
             half = len(batch) // 2
             self._render(batch[:half])
             self._render(batch[half:])

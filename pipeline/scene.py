@@ -58,17 +58,23 @@ def _text_to_parts(value: Any) -> Any:
         return [{"text": value, "weight": 1.0}]
     if not isinstance(value, list):
         raise PydanticCustomError(
-            "prompt_type", "expected text, or a list of {text: ..., weight: ...}, got {got} (put quotes around it to make it text)", {"got": _describe(value)}
+            "prompt_type",
+            "expected text, or a list of {text: ..., weight: ...}, got {got} (put quotes around it to make it text)",
+            {"got": _describe(value)},
         )
     return value
 
 
 def _frame_ref(value: Any) -> Any:
     """A keyframe's frame: a whole number, or seconds like '2.5s'; one clear message otherwise."""
-    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and _SECONDS.match(value.strip())):
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and _SECONDS.match(value.strip())
+    ):
         return value
     raise PydanticCustomError(
-        "frame_ref", "{got} is not a frame; write a whole number like 24 or seconds like 2.5s", {"got": _describe(value)}
+        "frame_ref",
+        "{got} is not a frame; write a whole number like 24 or seconds like 2.5s",
+        {"got": _describe(value)},
     )
 
 
@@ -76,7 +82,9 @@ def _duration(value: Any) -> Any:
     if value is None or _parse_duration(value) is not None:
         return value
     raise PydanticCustomError(
-        "duration", "{got} is not a duration; write seconds greater than 0 like 10s or 10", {"got": _describe(value)}
+        "duration",
+        "{got} is not a duration; write seconds greater than 0 like 10s or 10",
+        {"got": _describe(value)},
     )
 
 
@@ -92,7 +100,9 @@ def _pair(what: str) -> Any:
 def _four_corners(value: Any) -> Any:
     if isinstance(value, list) and len(value) != 4:
         raise PydanticCustomError(
-            "corners", "a grid needs exactly four corner prompts (top-left, top-right, bottom-left, bottom-right), got {n}", {"n": len(value)}
+            "corners",
+            "a grid needs exactly four corner prompts (top-left, top-right, bottom-left, bottom-right), got {n}",
+            {"n": len(value)},
         )
     return value
 
@@ -196,9 +206,9 @@ class Scene(_Strict):
     revision: str | None = None
     scheduler: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    size: Annotated[list[Annotated[int, Field(ge=8, le=8192)]], BeforeValidator(_pair("size is [width, height]"))] = Field(
-        default_factory=lambda: [512, 512]
-    )
+    size: Annotated[
+        list[Annotated[int, Field(ge=8, le=8192)]], BeforeValidator(_pair("size is [width, height]"))
+    ] = Field(default_factory=lambda: [512, 512])
     steps: int = Field(default=25, ge=1, le=1000)
     guidance: float = Field(default=7.5, ge=0, le=100)
     fps: float = Field(default=12.0, gt=0, le=240)
@@ -327,11 +337,22 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise SceneError([Problem(shown, line, col, f"the scene file is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8")]) from None
+        raise SceneError(
+            [
+                Problem(
+                    shown,
+                    line,
+                    col,
+                    f"the scene file is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8",
+                )
+            ]
+        ) from None
     return parse_scene(text, shown, base_path=path, allow_outside_inputs=allow_outside_inputs)
 
 
-def parse_scene(text: str, shown: str, *, base_path: Path | None = None, allow_outside_inputs: bool = False) -> Scene:
+def parse_scene(
+    text: str, shown: str, *, base_path: Path | None = None, allow_outside_inputs: bool = False
+) -> Scene:
     """Validate scene text; ``shown`` is the file name used in messages.
 
     Every problem is reported in one go: YAML problems that leave the data usable, type problems,
@@ -340,7 +361,12 @@ def parse_scene(text: str, shown: str, *, base_path: Path | None = None, allow_o
     doc, problems = load_yaml_lenient(text, shown)
     if not isinstance(doc.data, dict):
         kind = type(doc.data).__name__ if doc.data is not None else "empty"
-        raise SceneError([*problems, doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}")])
+        raise SceneError(
+            [
+                *problems,
+                doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}"),
+            ]
+        )
     scene, type_problems, removed = _validate(doc)
     problems += type_problems
     if scene is not None:
@@ -407,11 +433,20 @@ def _set_aside(data: Any, loc: tuple[Any, ...], kind: str) -> tuple[Any, ...] | 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Union branches and validator wrappers add their names to loc ("frame", "int"); drop them.
-    return tuple(x for x in loc if not (isinstance(x, str) and ("[" in x or x in ("int", "str", "float", "function-before", "function-after"))))
+    return tuple(
+        x
+        for x in loc
+        if not (
+            isinstance(x, str)
+            and ("[" in x or x in ("int", "str", "float", "function-before", "function-after"))
+        )
+    )
 
 
 def _kind(name: str) -> str:
-    return {"list": "list", "str": "single value", "int": "number", "float": "number", "bool": "boolean"}.get(name, name)
+    return {"list": "list", "str": "single value", "int": "number", "float": "number", "bool": "boolean"}.get(
+        name, name
+    )
 
 
 _TYPE_WORDS = {
@@ -449,11 +484,19 @@ def _where_words(loc: tuple[Any, ...]) -> str:
     i = 0
     while i < len(loc):
         item = loc[i]
-        if item in ("keyframes", "outputs", "embeddings", "loras") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+        if (
+            item in ("keyframes", "outputs", "embeddings", "loras")
+            and i + 1 < len(loc)
+            and isinstance(loc[i + 1], int)
+        ):
             parts.append(f"{item[:-1]} {loc[i + 1] + 1}")
             i += 2
             continue
-        if item in ("prompt", "prompts", "size", "seeds") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+        if (
+            item in ("prompt", "prompts", "size", "seeds")
+            and i + 1 < len(loc)
+            and isinstance(loc[i + 1], int)
+        ):
             parts.append(f"{item} item {loc[i + 1] + 1}")
             i += 2
             continue
@@ -504,9 +547,13 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
         hint = f"did you mean '{close[0]}'? " if close else ""
         context = _where_words(clean[:-1])
         inside = f" in {context}" if context else ""
-        return doc.problem(clean, f"unknown key '{key}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True)
+        return doc.problem(
+            clean, f"unknown key '{key}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True
+        )
     if kind == "missing":
-        return doc.problem(clean[:-1], f"missing required key '{clean[-1]}' in {_where_words(clean[:-1]) or 'the scene'}")
+        return doc.problem(
+            clean[:-1], f"missing required key '{clean[-1]}' in {_where_words(clean[:-1]) or 'the scene'}"
+        )
     if kind in _TYPE_WORDS:
         want = _TYPE_WORDS[kind]
         hint = ""
@@ -521,7 +568,9 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
         return doc.problem(clean, f"{where}: expected {want}, got {_describe(value)}{hint}")
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return doc.problem(clean, f"{where}: {_describe(value)} is not allowed; allowed: {expected.replace(' or ', ', ')}")
+        return doc.problem(
+            clean, f"{where}: {_describe(value)} is not allowed; allowed: {expected.replace(' or ', ', ')}"
+        )
     if kind in ("too_short", "too_long"):
         ctx = err.get("ctx", {})
         return doc.problem(clean, f"{where}: {err['msg'].lower()} (got {ctx.get('actual_length')})")
@@ -539,7 +588,11 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
 
 
 def _check_rules(
-    scene: Scene, doc: YamlDoc, *, allow_outside_inputs: bool, removed: set[tuple[Any, ...]] = frozenset()  # type: ignore[assignment]
+    scene: Scene,
+    doc: YamlDoc,
+    *,
+    allow_outside_inputs: bool,
+    removed: set[tuple[Any, ...]] = frozenset(),  # type: ignore[assignment]
 ) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -561,7 +614,12 @@ def _check_rules(
     if scene.scheduler is not None and scene.scheduler not in scheduler_names():
         close = difflib.get_close_matches(scene.scheduler, scheduler_names(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        add(doc.problem(("scheduler",), f"unknown scheduler '{scene.scheduler}'; {hint}allowed: {', '.join(scheduler_names())}"))
+        add(
+            doc.problem(
+                ("scheduler",),
+                f"unknown scheduler '{scene.scheduler}'; {hint}allowed: {', '.join(scheduler_names())}",
+            )
+        )
     model_problem = _check_model(scene)
     if model_problem:
         add(doc.problem(("model",), model_problem))
@@ -582,9 +640,20 @@ def _check_rules(
     if len(sources) > 1:
         add(doc.problem(("grid",), "a scene is either a walk or a grid, not both"))
     if sources and scene.keyframes:
-        add(doc.problem(("keyframes",), f"a {sources[0]} scene takes no keyframes; its frames come from '{sources[0]}'", key=True))
+        add(
+            doc.problem(
+                ("keyframes",),
+                f"a {sources[0]} scene takes no keyframes; its frames come from '{sources[0]}'",
+                key=True,
+            )
+        )
     if not sources and not scene.keyframes and not gone("keyframes", "walk", "grid"):
-        add(doc.problem((), "the scene has no frames: give 'keyframes' (a list with 'frame' and 'prompt'), a 'walk' or a 'grid'"))
+        add(
+            doc.problem(
+                (),
+                "the scene has no frames: give 'keyframes' (a list with 'frame' and 'prompt'), a 'walk' or a 'grid'",
+            )
+        )
 
     declared_total: int | None = scene.frames
     if scene.duration is not None:
@@ -602,12 +671,27 @@ def _check_rules(
         if n < 0:
             add(doc.problem(at, f"keyframe {i + 1}: frame {n} is negative; frames count from 0"))
         elif declared_total is not None and n >= declared_total:
-            add(doc.problem(at, f"keyframe {i + 1}: frame {n} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})"))
+            add(
+                doc.problem(
+                    at,
+                    f"keyframe {i + 1}: frame {n} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})",
+                )
+            )
         elif previous is not None and n == previous[0]:
             line = doc.where(("keyframes", previous[1], "frame"))[0]
-            add(doc.problem(at, f"keyframe {i + 1}: frame {n} repeats the keyframe at line {line}; each frame may have one keyframe"))
+            add(
+                doc.problem(
+                    at,
+                    f"keyframe {i + 1}: frame {n} repeats the keyframe at line {line}; each frame may have one keyframe",
+                )
+            )
         elif previous is not None and n < previous[0]:
-            add(doc.problem(at, f"keyframe {i + 1}: frame {n} comes after frame {previous[0]}; keyframes must be in increasing frame order"))
+            add(
+                doc.problem(
+                    at,
+                    f"keyframe {i + 1}: frame {n} comes after frame {previous[0]}; keyframes must be in increasing frame order",
+                )
+            )
         frames.append(n)
         if n >= 0 and (previous is None or n > previous[0]):
             previous = (n, i)
@@ -620,7 +704,11 @@ def _check_rules(
     elif scene.grid is not None:
         total = scene.grid.rows * scene.grid.cols
     else:
-        total = declared_total if declared_total is not None else (max(frames) + 1 if frames and max(frames) >= 0 else 1)
+        total = (
+            declared_total
+            if declared_total is not None
+            else (max(frames) + 1 if frames and max(frames) >= 0 else 1)
+        )
     if total > MAX_FRAMES:
         add(doc.problem(("frames",), f"the scene has {total} frames; at most {MAX_FRAMES} are allowed"))
 
@@ -630,37 +718,76 @@ def _check_rules(
         if (not noise.seeds or len(noise.seeds) != 2) and not gone("seeds"):
             add(doc.problem(("noise",), "noise: a circle walk needs 'seeds: [A, B]', exactly two seeds"))
     elif noise.seeds is not None:
-        add(doc.problem(("noise", "seeds"), f"noise: 'seeds' is only for kind circle (kind here is {noise.kind}); use 'seed'"))
+        add(
+            doc.problem(
+                ("noise", "seeds"),
+                f"noise: 'seeds' is only for kind circle (kind here is {noise.kind}); use 'seed'",
+            )
+        )
     if noise.endpoint and noise.kind != "circle":
         add(doc.problem(("noise", "endpoint"), "noise: 'endpoint' is only for kind circle"))
     if noise.kind == "travel" and not any(kf.seed is not None for kf in scene.keyframes) and not gone("seed"):
-        add(doc.problem(("noise",), "noise: kind travel slerps between the seeds of keyframes, but no keyframe sets 'seed'"))
+        add(
+            doc.problem(
+                ("noise",),
+                "noise: kind travel slerps between the seeds of keyframes, but no keyframe sets 'seed'",
+            )
+        )
     if noise.kind != "travel":
         for i, kf in enumerate(scene.keyframes):
             if kf.seed is not None:
-                add(doc.problem(("keyframes", i, "seed"), f"keyframe {i + 1}: a keyframe 'seed' needs 'noise: travel' (noise is {noise.kind})", key=True))
+                add(
+                    doc.problem(
+                        ("keyframes", i, "seed"),
+                        f"keyframe {i + 1}: a keyframe 'seed' needs 'noise: travel' (noise is {noise.kind})",
+                        key=True,
+                    )
+                )
 
     # 5. Modes and their inputs; files exist; LoRA names.
-    problems.extend(_check_modes_and_files(scene, doc, frames, gone, allow_outside_inputs=allow_outside_inputs))
+    problems.extend(
+        _check_modes_and_files(scene, doc, frames, gone, allow_outside_inputs=allow_outside_inputs)
+    )
     lora_names = {scene.lora_name(lo) for lo in scene.loras}
     for i, kf in enumerate(scene.keyframes):
-        for name in (kf.lora or {}):
+        for name in kf.lora or {}:
             if name not in lora_names:
                 allowed = ", ".join(sorted(lora_names)) or "none (the scene lists no 'loras')"
-                add(doc.problem(("keyframes", i, "lora", name), f"keyframe {i + 1}: unknown LoRA '{name}'; allowed: {allowed}", key=True))
+                add(
+                    doc.problem(
+                        ("keyframes", i, "lora", name),
+                        f"keyframe {i + 1}: unknown LoRA '{name}'; allowed: {allowed}",
+                        key=True,
+                    )
+                )
 
     # 6. Outputs.
     seen: dict[str, int] = {}
     for i, out in enumerate(scene.effective_outputs()):
         at = ("outputs", i)
         if output_kind(out) is None:
-            add(doc.problem(at, f"output {i + 1}: cannot tell the kind of '{out.path}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'"))
+            add(
+                doc.problem(
+                    at,
+                    f"output {i + 1}: cannot tell the kind of '{out.path}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'",
+                )
+            )
         p = Path(out.path)
         if p.is_absolute() or ".." in p.parts or not out.path.strip():
-            add(doc.problem(at, f"output {i + 1}: '{out.path}' must be a relative path inside the scene's render folder (no absolute paths, no '..')"))
+            add(
+                doc.problem(
+                    at,
+                    f"output {i + 1}: '{out.path}' must be a relative path inside the scene's render folder (no absolute paths, no '..')",
+                )
+            )
         norm = out.path.rstrip("/")
         if norm in seen:
-            add(doc.problem(at, f"output {i + 1}: '{out.path}' is also output {seen[norm] + 1}; each output needs its own path"))
+            add(
+                doc.problem(
+                    at,
+                    f"output {i + 1}: '{out.path}' is also output {seen[norm] + 1}; each output needs its own path",
+                )
+            )
         seen.setdefault(norm, i)
         if out.rubber_band and output_kind(out) not in ("gif", "mp4", None):
             add(doc.problem(at, f"output {i + 1}: rubber_band applies to gif and mp4 outputs only"))
@@ -749,9 +876,18 @@ def _check_modes_and_files(
     for at, rel in files:
         full = scene.resolve(rel)
         if not allow_outside_inputs and not full.is_relative_to(base):
-            problems.append(doc.problem(at, f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs"))
+            problems.append(
+                doc.problem(
+                    at,
+                    f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
+                )
+            )
         elif not full.is_file():
-            problems.append(doc.problem(at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"))
+            problems.append(
+                doc.problem(
+                    at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"
+                )
+            )
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):
@@ -786,7 +922,9 @@ def _check_modes_and_files(
         if mode in ("img2img", "inpaint", "depth2img") and not st["init_image"]:
             problems.append(doc.problem(at, f"{where}: mode {mode} needs an 'init_image'"))
         if mode == "inpaint" and not st["mask"]:
-            problems.append(doc.problem(at, f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)"))
+            problems.append(
+                doc.problem(at, f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)")
+            )
         image_size_, mask_size = sizes.get(st["init_image"] or ""), sizes.get(st["mask"] or "")
         if mode == "inpaint" and image_size_ and mask_size and image_size_ != mask_size:
             problems.append(
@@ -796,8 +934,14 @@ def _check_modes_and_files(
                     f"'{st['init_image']}' is {image_size_[0]}x{image_size_[1]}; they must be the same size",
                 )
             )
-    if scene.mode != "txt2img" and (scene.walk is not None or scene.grid is not None) and scene.mode == "feedback":
-        problems.append(doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk"))
+    if (
+        scene.mode != "txt2img"
+        and (scene.walk is not None or scene.grid is not None)
+        and scene.mode == "feedback"
+    ):
+        problems.append(
+            doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk")
+        )
     return problems
 
 
@@ -805,15 +949,23 @@ def _check_modes_and_files(
 # Rules that need the model (checked once it is resolved, still before anything loads)
 
 
-def check_against_model(scene: Scene, *, pipeline_class: str, family: str, components: dict[str, Any]) -> list[Problem]:
+def check_against_model(
+    scene: Scene, *, pipeline_class: str, family: str, components: dict[str, Any]
+) -> list[Problem]:
     """What the scene asks of its model that the model cannot do: modes, learned embeddings, T5."""
     from pipeline.models import modes_for
 
     doc = scene._doc or YamlDoc(str(scene.path), None)
     problems: list[Problem] = []
     allowed = modes_for(pipeline_class)
-    uses = [(("mode",), scene.mode)] if not scene.keyframes or scene.keyframe_frames[0] != 0 or scene.keyframes[0].mode is None else []
-    uses += [(("keyframes", i, "mode"), kf.mode) for i, kf in enumerate(scene.keyframes) if kf.mode is not None]
+    uses = (
+        [(("mode",), scene.mode)]
+        if not scene.keyframes or scene.keyframe_frames[0] != 0 or scene.keyframes[0].mode is None
+        else []
+    )
+    uses += [
+        (("keyframes", i, "mode"), kf.mode) for i, kf in enumerate(scene.keyframes) if kf.mode is not None
+    ]
     for at, mode in uses:
         if mode not in allowed:
             problems.append(
@@ -824,7 +976,19 @@ def check_against_model(scene: Scene, *, pipeline_class: str, family: str, compo
                 )
             )
     if scene.embeddings and family != "sd":
-        problems.append(doc.problem(("embeddings",), f"learned embeddings work with SD 1.x/2.x models; '{scene.model}' is {family}", key=True))
+        problems.append(
+            doc.problem(
+                ("embeddings",),
+                f"learned embeddings work with SD 1.x/2.x models; '{scene.model}' is {family}",
+                key=True,
+            )
+        )
     if scene.t5 and (family != "sd3" or not (components.get("text_encoder_3") or [None])[0]):
-        problems.append(doc.problem(("t5",), f"t5: true needs an SD3 model with a T5 text encoder; '{scene.model}' has none", key=True))
+        problems.append(
+            doc.problem(
+                ("t5",),
+                f"t5: true needs an SD3 model with a T5 text encoder; '{scene.model}' has none",
+                key=True,
+            )
+        )
     return problems

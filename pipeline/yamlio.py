@@ -149,7 +149,9 @@ class _StrictLoader(yaml.SafeLoader):
         if tag is not None and tag != "!":
             # !!python/object and friends: safe loading would refuse some, but we refuse every
             # explicit tag so that what a value means never depends on a tag.
-            short = "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+            short = (
+                "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+            )
             self._problems.append(
                 (
                     event.start_mark.line + 1,
@@ -196,7 +198,14 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
     except yaml.reader.ReaderError as exc:  # control characters and other unprintable input
         line, col = _line_col(text, exc.position)
         raise SceneError(
-            [Problem(file, line, col, f"character {exc.character!r} is not allowed in YAML; remove it (control characters are not text)")]
+            [
+                Problem(
+                    file,
+                    line,
+                    col,
+                    f"character {exc.character!r} is not allowed in YAML; remove it (control characters are not text)",
+                )
+            ]
         ) from None
     except yaml.YAMLError as exc:
         raise SceneError([Problem(file, 1, 1, f"cannot read YAML: {exc}")]) from None
@@ -204,7 +213,11 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
     doc = YamlDoc(file=file, data=None)
     if root is None or (isinstance(root, ScalarNode) and root.style is None and root.value == ""):
         raise SceneError(
-            [Problem(file, 1, 1, "the scene file is empty; a scene is a YAML mapping with at least 'keyframes'")]
+            [
+                Problem(
+                    file, 1, 1, "the scene file is empty; a scene is a YAML mapping with at least 'keyframes'"
+                )
+            ]
         )
     doc.data = _build(root, (), doc, problems)
     return doc, [Problem(file, ln, col, msg) for ln, col, msg in problems]
@@ -234,7 +247,11 @@ def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int,
             if key in out:
                 first = doc.key_marks.get((*path, key), (0, 0))
                 problems.append(
-                    (kline, kcol, f"duplicate key '{key}' (first set at line {first[0]}); each key may appear once")
+                    (
+                        kline,
+                        kcol,
+                        f"duplicate key '{key}' (first set at line {first[0]}); each key may appear once",
+                    )
                 )
                 continue
             doc.key_marks[(*path, key)] = (kline, kcol)

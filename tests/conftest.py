@@ -60,3 +60,22 @@ def run_render(scene: Path, cache: Path, *extra: str) -> dict[str, Any]:
         main([str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra])
     assert exc.value.code in (0, None), f"render exited with {exc.value.code}"
     return json.loads(report.read_text())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where CUDA is there; ``network`` tests only with SD_SCENES_NETWORK=1."""
+    import importlib.util
+    import os
+
+    has_cuda = False
+    if importlib.util.find_spec("torch") is not None and any(
+        item.get_closest_marker("gpu") for item in items
+    ):
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    for item in items:
+        if item.get_closest_marker("gpu") and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if item.get_closest_marker("network") and os.environ.get("SD_SCENES_NETWORK") != "1":
+            item.add_marker(pytest.mark.skip(reason="needs a model download; set SD_SCENES_NETWORK=1"))

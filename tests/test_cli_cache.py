@@ -42,7 +42,9 @@ def test_info_counts_and_clear_empties(tmp_path: Path, capsys: pytest.CaptureFix
     assert (tmp_path / "c" / "README.md").read_text() == "keep me"
 
 
-def test_clear_without_yes_asks_and_keeps_on_no(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_clear_without_yes_asks_and_keeps_on_no(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with CacheDir(tmp_path / "c") as cache:
         cache.frames.put(hashlib.sha256(b"f").hexdigest(), b"png")
     monkeypatch.setattr("typer.confirm", lambda *a, **k: False)

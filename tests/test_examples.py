@@ -65,10 +65,23 @@ def _frames_in(kind: str, path: Path) -> int:
 
 def test_every_seed_example_has_a_scene() -> None:
     names = {p.stem for p in SCENES}
-    needed = {"dog_cat", "grid_fixed", "grid_varying", "walk", "cows_circle", "img2img", "inpaint", "depth2img", "sd3_dog_cat", "learned_embedding"}
+    needed = {
+        "dog_cat",
+        "grid_fixed",
+        "grid_varying",
+        "walk",
+        "cows_circle",
+        "img2img",
+        "inpaint",
+        "depth2img",
+        "sd3_dog_cat",
+        "learned_embedding",
+    }
     assert needed <= names
     for scene in SCENES:
-        assert scene.read_text().startswith(f"# {scene.name}:"), f"{scene.name} needs a comment header saying what it shows"
+        assert scene.read_text().startswith(f"# {scene.name}:"), (
+            f"{scene.name} needs a comment header saying what it shows"
+        )
 
 
 @pytest.mark.parametrize("scene", SCENES, ids=[p.stem for p in SCENES])

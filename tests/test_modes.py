@@ -100,7 +100,9 @@ def test_feedback_edit_at_frame_k_rerenders_k_and_after_only(tmp_path: Path) -> 
     # The mid prompt changes frames 1..11 directly; frame 0 (on keyframe 0) does not depend on it.
     assert (again["rendered"], again["cached"]) == (11, 1)
     # An edit that only changes frame 11's recipe (the last keyframe) re-renders just the chain's tail.
-    scene.write_text(FEEDBACK.format(mid="a castle at dawn").replace("a castle in clouds", "a castle in rain"))
+    scene.write_text(
+        FEEDBACK.format(mid="a castle at dawn").replace("a castle in clouds", "a castle in rain")
+    )
     tail = run_render(scene, tmp_path / "cache")
     assert (tail["rendered"], tail["cached"]) == (5, 7)
 
@@ -195,7 +197,9 @@ def test_checkpoint_saved_to_a_folder_renders_by_path(tmp_path: Path) -> None:
     """A user's local download loads by the same code path: save_pretrained, then model: <folder>."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "pipeline" / "embedded" / "tiny", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        ROOT / "pipeline" / "embedded" / "tiny", torch_dtype=torch.float32
+    )
     pipe.save_pretrained(tmp_path / "models" / "my-sd15")
     scene = scene_in(
         tmp_path,

@@ -46,7 +46,9 @@ outputs:
 """
 
 
-def write_scene(folder: Path, *, last: str = "a cat in a field", fps: int = 12, rubber: str = "true", steps: int = 2) -> Path:
+def write_scene(
+    folder: Path, *, last: str = "a cat in a field", fps: int = 12, rubber: str = "true", steps: int = 2
+) -> Path:
     text = THREE_KEYFRAMES.format(last=last, fps=fps, rubber=rubber).replace("steps: 2", f"steps: {steps}")
     path = folder / "scene.yaml"
     path.write_text(text)
@@ -142,7 +144,9 @@ def test_noop_rerun_does_not_import_torch(scene_dir: Path, tmp_path: Path) -> No
     assert out.stdout.strip().endswith("NO-TORCH")
 
 
-def test_failed_output_write_keeps_previous_file(scene_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_output_write_keeps_previous_file(
+    scene_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scene = write_scene(scene_dir)
     render(scene, tmp_path / "cache")
     gif = scene_dir / "renders" / "scene" / "out.gif"
@@ -186,7 +190,8 @@ def test_initial_latents_do_not_depend_on_the_batch(noise: str) -> None:
 
 def test_circle_walk_closes_the_loop() -> None:
     scene = parse_scene(
-        "frames: 8\nnoise: {kind: circle, seeds: [3, 4]}\nkeyframes:\n  - {frame: 0, prompt: cows}\n", "c.yaml"
+        "frames: 8\nnoise: {kind: circle, seeds: [3, 4]}\nkeyframes:\n  - {frame: 0, prompt: cows}\n",
+        "c.yaml",
     )
     jobs = plan(scene, _env())
     shape = (4, 8, 8)
@@ -201,7 +206,10 @@ def test_circle_walk_closes_the_loop() -> None:
     )
     cjobs = plan(closed, _env())
     torch.testing.assert_close(
-        noise_for(cjobs[7].recipe["noise"], shape), noise_for(cjobs[0].recipe["noise"], shape), atol=1e-6, rtol=0
+        noise_for(cjobs[7].recipe["noise"], shape),
+        noise_for(cjobs[0].recipe["noise"], shape),
+        atol=1e-6,
+        rtol=0,
     )
 
 

@@ -34,7 +34,9 @@ def landscape() -> Image.Image:
         c = 150 + y * 90 // (SIZE // 2)
         draw.line([(0, y), (SIZE, y)], fill=(100, c - 40, 255))
     draw.ellipse([360, 50, 450, 140], fill=(255, 220, 90))
-    draw.polygon([(0, 300), (140, 200), (300, 290), (420, 220), (512, 270), (512, 512), (0, 512)], fill=(70, 150, 60))
+    draw.polygon(
+        [(0, 300), (140, 200), (300, 290), (420, 220), (512, 270), (512, 512), (0, 512)], fill=(70, 150, 60)
+    )
     draw.rectangle([150, 300, 260, 400], fill=(200, 120, 80))
     draw.polygon([(140, 300), (205, 240), (270, 300)], fill=(150, 50, 40))
     draw.rectangle([190, 350, 220, 400], fill=(90, 60, 40))
@@ -76,7 +78,9 @@ def lora(folder: Path, name: str) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(ROOT / "pipeline" / "embedded" / "tiny", subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(
+        ROOT / "pipeline" / "embedded" / "tiny", subfolder="unet", torch_dtype=torch.float32
+    )
     torch.manual_seed(0)  # lora_A starts random too
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(0)
@@ -84,7 +88,9 @@ def lora(folder: Path, name: str) -> None:
         for param_name, param in unet.named_parameters():
             if "lora_B" in param_name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=name)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=name
+    )
     (folder / name).chmod(0o644)
 
 
@@ -96,7 +102,9 @@ def main() -> None:
     landscape().save(args.out / "landscape.png", optimize=True)
     mask().save(args.out / "house_mask.png", optimize=True)
     depth().save(args.out / "landscape_depth.png", optimize=True)
-    tiny_dim = json.loads((ROOT / "pipeline" / "embedded" / "tiny" / "text_encoder" / "config.json").read_text())["hidden_size"]
+    tiny_dim = json.loads(
+        (ROOT / "pipeline" / "embedded" / "tiny" / "text_encoder" / "config.json").read_text()
+    )["hidden_size"]
     learned_embedding(args.out / "tom_tiny.safetensors", "<tom>", tiny_dim)
     lora(args.out, "style_tiny.safetensors")
     for p in sorted(args.out.iterdir()):

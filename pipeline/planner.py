@@ -238,28 +238,41 @@ def _scalar(track: _Track, n: int) -> float:
     return round_float(va + (track.values[b] - va) * t)
 
 
-def _noise(scene: Scene, tracks: dict[str, _Track], n: int, total: int) -> dict[str, Any]:
+def _noise_function(scene: Scene, tracks: dict[str, _Track], total: int) -> Callable[[int], dict[str, Any]]:
+    """The noise recipe of frame n, for the scene's noise kind (the kind is chosen once, not per frame)."""
     noise = scene.noise
     base_seed = noise.seed if noise.seed is not None else scene.seed
     if noise.kind == "fixed":
-        return {"seed": base_seed}
+        return lambda n: {"seed": base_seed}
     if noise.kind == "per_frame":
-        return {"seed": (base_seed + n) % 2**63}
+        return lambda n: {"seed": (base_seed + n) % 2**63}
     if noise.kind == "circle":
         assert noise.seeds is not None
+        seeds = list(noise.seeds)
         # Without the endpoint the frame after the last is the first again: a seamless loop.
         steps = (total - 1) if noise.endpoint else total
-        s = round_float(n / steps) if steps > 0 else 0.0
-        return {"circle": list(noise.seeds), "s": s}
-    a, b, t = tracks["seed"].at(n)
-    seeds = tracks["seed"].values
-    if a == b:
-        return {"seed": seeds[a]}
-    return {"seed": seeds[a], "to": seeds[b], "t": t}
+        return lambda n: {"circle": seeds, "s": round_float(n / steps) if steps > 0 else 0.0}
+    track = tracks["seed"]
+
+    def travel(n: int) -> dict[str, Any]:
+        a, b, t = track.at(n)
+        if a == b:
+            return {"seed": track.values[a]}
+        return {"seed": track.values[a], "to": track.values[b], "t": t}
+
+    return travel
 
 
-def plan(scene: Scene, env: RenderEnv) -> Plan:
-    """Expand a validated scene into one :class:`FrameJob` per frame."""
+def plan(scene: Scene, env: RenderEnv | None = None) -> Plan:
+    """Expand a validated scene into one :class:`FrameJob` per frame.
+
+    Pure given ``env``. Without one, the environment is resolved first (which reads the model's
+    files and the scene's inputs, but never imports torch), as ``render.py`` does.
+    """
+    if env is None:
+        from pipeline.environment import resolve_env
+
+        env = resolve_env(scene)
     base = _base(scene, env)
     base_key = key_of(base)
     emb = _Embeddings(scene, env)
@@ -282,9 +295,14 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
     if grid is not None:
         corners = [emb.key(p) for p in grid.prompts]
 
-    # Modes and inputs rarely change: look up only the tracks that do.
+    # Modes and inputs rarely change: look up only the tracks that do. (Locals, not lookups: this loop
+    # runs once per frame, 100,000 times for a long scene.)
     held_fixed = {name: tracks[name].values[0] for name in HELD if len(tracks[name].values) == 1}
-    held_moving = [name for name in HELD if name not in held_fixed]
+    held_moving = [(name, tracks[name]) for name in HELD if name not in held_fixed]
+    prompt_track, negative_track = tracks["prompt"], tracks["negative_prompt"]
+    scalar_tracks = {mode: [(name, tracks[name]) for name in names] for mode, names in _MODE_SCALARS.items()}
+    lora_tracks = [(name, tracks[f"lora:{name}"]) for name in lora_names]
+    noise_at = _noise_function(scene, tracks, total)
     prev_key: str | None = None
     for n in range(total):
         # 1. Conditioning: which embeddings, mixed how.
@@ -299,15 +317,17 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
             v = round_float(r / (grid.rows - 1)) if grid.rows > 1 else 0.0
             cond = {"grid": corners, "u": u, "v": v, "method": method}
         else:
-            cond = _cond(tracks["prompt"], n, prompts, method)
+            cond = _cond(prompt_track, n, prompts, method)
         # 2. Scalars the frame's mode uses, and the mode's inputs.
-        held = dict(held_fixed)
-        for name in held_moving:
-            held[name] = tracks[name].values[tracks[name].at(n)[0]]
+        held = held_fixed
+        if held_moving:
+            held = dict(held_fixed)
+            for name, track in held_moving:
+                held[name] = track.values[track.at(n)[0]]
         mode_name = held["mode"]
-        scalars: dict[str, Any] = {name: _scalar(tracks[name], n) for name in _MODE_SCALARS[mode_name]}
-        if lora_names:
-            scalars["lora"] = {name: _scalar(tracks[f"lora:{name}"], n) for name in lora_names}
+        scalars: dict[str, Any] = {name: _scalar(track, n) for name, track in scalar_tracks[mode_name]}
+        if lora_tracks:
+            scalars["lora"] = {name: _scalar(track, n) for name, track in lora_tracks}
         mode: dict[str, Any] = {"mode": mode_name}
         if mode_name != "txt2img":
             if held["init_image"]:
@@ -322,13 +342,13 @@ def plan(scene: Scene, env: RenderEnv) -> Plan:
                 mode["prev"] = prev_key
         recipe: dict[str, Any] = {
             "cond": cond,
-            "noise": _noise(scene, tracks, n, total),
+            "noise": noise_at(n),
             "scalars": scalars,
             "mode": mode,
         }
         # Without guidance (<= 1) diffusers never runs the negative branch: it cannot change pixels.
         if scalars["guidance"] > 1.0:
-            recipe["neg"] = _cond(tracks["negative_prompt"], n, negatives, method)
+            recipe["neg"] = _cond(negative_track, n, negatives, method)
         # Every float in a recipe came through round_float, so the rounding pass can be skipped.
         key = key_of({"base": base_key, "frame": recipe}, normalised=True)
         jobs.append(FrameJob(n, key, recipe))

@@ -57,7 +57,10 @@ class FrameJob:
     def batch_group(self) -> str:
         """Frames with equal settings can go through one pipeline call together."""
         r = self.recipe
-        return key_of({"scalars": r["scalars"], "mode": {k: v for k, v in r["mode"].items() if k != "prev"}})
+        mode = {k: v for k, v in r["mode"].items() if k != "prev"}
+        # A feedback chain that starts with nothing to feed back renders as txt2img: its own group.
+        mode["starts_chain"] = r["mode"].get("prev") is None
+        return key_of({"scalars": r["scalars"], "mode": mode})
 
 
 @dataclass

@@ -834,6 +834,14 @@ def image_size(path: Path) -> tuple[int, int] | str:
     return (width, height)
 
 
+def _is_flat(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        low, high = im.convert("L").getextrema()
+    return bool(low == high)
+
+
 def _check_model(scene: Scene) -> str | None:
     name = scene.model
     if name in embedded_models():
@@ -894,6 +902,13 @@ def _check_modes_and_files(
                 problems.append(doc.problem(at, f"'{rel}': {size_or_problem}"))
             else:
                 sizes[rel] = size_or_problem
+                if at[-1] == "depth_map" and _is_flat(full):
+                    # depth2img scales the map by its min and max: a flat map divides by zero.
+                    problems.append(
+                        doc.problem(
+                            at, f"'{rel}': the depth map has one value everywhere; it needs near and far"
+                        )
+                    )
 
     # Walk the held values keyframe by keyframe, as the planner will, to check what each mode needs.
     # A problem is reported where the mode was set (a keyframe's 'mode', or the scene's).

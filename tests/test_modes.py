@@ -209,3 +209,27 @@ def test_checkpoint_saved_to_a_folder_renders_by_path(tmp_path: Path) -> None:
     assert report["rendered"] == 4
     ref = resolve_model("models/my-sd15", tmp_path)
     assert ref.kind == "local" and set(ref.fingerprint) >= {"unet", "vae", "text_encoder", "tokenizer"}
+
+
+def test_feedback_without_init_image_starts_from_a_txt2img_frame(tmp_path: Path) -> None:
+    text = FEEDBACK.format(mid="a castle at dusk").replace("init_image: inputs/landscape.png\n", "")
+    scene = scene_in(tmp_path, text)
+    report = run_render(scene, tmp_path / "cache", "--batch-size", "8")
+    assert report["rendered"] == 12
+
+
+def test_flat_depth_map_is_refused_before_loading(tmp_path: Path) -> None:
+    from pipeline.scene import load_scene as load
+    from pipeline.yamlio import SceneError
+
+    scene = scene_in(
+        tmp_path,
+        "model: tiny-depth\nmode: depth2img\ninit_image: inputs/landscape.png\ndepth_map: inputs/flat.png\n"
+        "keyframes:\n  - {frame: 0, prompt: a village}\n",
+    )
+    Image.new("L", (32, 32), 128).save(tmp_path / "inputs" / "flat.png")
+    with pytest.raises(SceneError) as exc:
+        load(scene)
+    (problem,) = exc.value.problems
+    assert (problem.line, problem.col) == (4, 12)
+    assert "one value everywhere" in problem.message

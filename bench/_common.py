@@ -176,3 +176,21 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("| " + " | ".join("-" * w for w in widths) + " |")
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+# A 3-keyframe tiny scene at 32x32 and 2 steps, N frames long (the no-op and memory benchmarks).
+THREE_KEYFRAME_SCENE = """\
+model: tiny
+size: [32, 32]
+steps: 2
+guidance: 7.0
+seed: 42
+frames: {frames}
+keyframes:
+  - frame: 0
+    prompt: "a dog in a field"
+  - frame: {mid}
+    prompt: "a fox in a field"
+  - frame: {last}
+    prompt: "a cat in a field"
+"""

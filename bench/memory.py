@@ -28,21 +28,7 @@ from pathlib import Path
 
 import _common as c
 
-SCENE = """\
-model: tiny
-size: [32, 32]
-steps: 2
-guidance: 7.0
-seed: 42
-frames: {frames}
-keyframes:
-  - frame: 0
-    prompt: "a dog in a field"
-  - frame: {mid}
-    prompt: "a fox in a field"
-  - frame: {last}
-    prompt: "a cat in a field"
-"""
+SCENE = c.THREE_KEYFRAME_SCENE
 
 
 def sample_rss(pid: int, out: list[tuple[float, int]], stop: threading.Event) -> None:

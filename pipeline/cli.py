@@ -39,7 +39,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = PROJECT_ROOT / "cache"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Declarative Stable Diffusion animations. 'render.py SCENE [OPTIONS]' is short for "
+    "'render.py render SCENE [OPTIONS]'; see 'render.py render --help'.",
+)
 cache_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,

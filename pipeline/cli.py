@@ -22,7 +22,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -55,7 +55,7 @@ cache_app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 
 
-def _fail(lines: list[str], code: int = 2) -> None:
+def _fail(lines: list[str], code: int = 2) -> NoReturn:
     for line in lines:
         typer.echo(line, err=True)
     raise typer.Exit(code)
@@ -70,6 +70,25 @@ def _memo(cache: CacheDir | None) -> dict[str, Any]:
 
 def _save_memo(cache: CacheDir, memo: dict[str, Any]) -> None:
     cache.records.put_json(record_key("file-digests"), memo)
+
+
+def _open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
+    """The cache, created if ``writable``; read-only (None if there is none yet) otherwise."""
+    try:
+        return CacheDir(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
+    except (sqlite3.DatabaseError, OSError) as exc:
+        full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
+        hint = (
+            "free some space on that disk, or choose another --cache-dir"
+            if full
+            else f"if it is damaged, clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
+        )
+        _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
+
+
+def _readable(cache: CacheDir, p: Plan) -> set[str]:
+    """Keys of the plan's frames that are stored AND read back intact: a damaged one is rendered again."""
+    return {key for key in cache.frames.present([j.key for j in p]) if cache.frames.get(key) is not None}
 
 
 def _describe_cond(p: Plan, cond: dict[str, Any]) -> str:
@@ -184,16 +203,8 @@ def render_command(
         _fail(problems)
 
     with ExitStack() as stack:
-        try:
-            cache = CacheDir.open_readonly(cache_dir) if plan_only else CacheDir(cache_dir)
-        except (sqlite3.DatabaseError, OSError) as exc:
-            full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
-            hint = (
-                "free some space on that disk, or choose another --cache-dir"
-                if full
-                else f"if it is damaged, clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
-            )
-            _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
+        # 2. Read-only until every input (the model included) has passed: bad input writes nothing.
+        cache = _open_cache(cache_dir, writable=False)
         if cache is not None:
             stack.callback(cache.close)
         memo = _memo(cache)
@@ -209,16 +220,18 @@ def render_command(
         if misfits:
             _fail([str(m) for m in misfits])
         p = plan(scene, env)
-        cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
 
         if plan_only:
+            cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
             previous = load_plan(cache.records if cache else None, scene.path)
             _print_plan(scene, env, p, frame_status(p, previous, cached), as_json)
             return
 
+        # 3. Render: now the cache may be created and written.
+        cache = _open_cache(cache_dir, writable=True)
         assert cache is not None
-        # Stored is not enough: a damaged frame (the cache warns and drops it) is rendered again.
-        cached = {key for key in cached if cache.frames.get(key) is not None}
+        stack.callback(cache.close)
+        cached = _readable(cache, p)
         if memo != memo_before:
             _save_memo(cache, memo)
         if device == "auto" and any(j.key not in cached for j in p):
@@ -229,7 +242,7 @@ def render_command(
             if actual != env.device:
                 env = resolve_env(scene, device=actual, ref=ref)
                 p = plan(scene, env)
-                cached = cache.frames.present([j.key for j in p])
+                cached = _readable(cache, p)
         if ref.is_embedded and not quiet:
             typer.echo(RANDOM_WEIGHTS_NOTE.format(name=ref.spec), err=True)
         previous = load_plan(cache.records, scene.path)

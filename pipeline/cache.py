@@ -11,8 +11,8 @@ a writer that finds the database locked waits (up to `SQLITE_TIMEOUT_S`) instead
 
 The directory is treated as untrusted input. Anyone who can write to it must not be able to make
 us run code, so nothing read from it is ever unpickled (`SafeDisk` refuses pickle-mode rows), and
-every value carries a magic + sha256 envelope so that corruption (a flipped bit, a truncated or
-missing value file, a row rewritten by hand) turns into a logged `CacheWarning` and a cache miss,
+every value carries a magic + sha256(key, payload) envelope so that corruption (a flipped bit, a
+truncated or missing value file, a row rewritten by hand or moved under another key) turns into a logged `CacheWarning` and a cache miss,
 never into wrong bytes or an exception for the caller. Nothing is ever evicted behind our back:
 a frame that was rendered stays until someone clears the cache.
 
@@ -72,7 +72,7 @@ __all__ = [
 logger = logging.getLogger("pipeline.cache")
 
 #: First bytes of every stored value; bump the digit if the envelope layout ever changes.
-ENVELOPE_MAGIC = b"SDS1"
+ENVELOPE_MAGIC = b"SDS2"  # 2: the digest covers the key too, so swapped rows are caught
 _DIGEST_SIZE = 32  # sha256
 _HEADER_SIZE = len(ENVELOPE_MAGIC) + _DIGEST_SIZE
 
@@ -146,17 +146,22 @@ def record_key(*parts: str) -> str:
     return key_of(list(parts))
 
 
-def _wrap(payload: bytes) -> bytes:
-    return ENVELOPE_MAGIC + hashlib.sha256(payload).digest() + payload
+def _digest(key: str, payload: bytes) -> bytes:
+    # The key is hashed in: a row moved or copied under another key fails the check like a flipped bit.
+    return hashlib.sha256(key.encode("ascii") + b"\0" + payload).digest()
 
 
-def _unwrap(blob: bytes, where: str) -> bytes:
+def _wrap(key: str, payload: bytes) -> bytes:
+    return ENVELOPE_MAGIC + _digest(key, payload) + payload
+
+
+def _unwrap(blob: bytes, key: str, where: str) -> bytes:
     if len(blob) < _HEADER_SIZE:
         raise CorruptEntry(f"{where}: truncated ({len(blob)} bytes, header needs {_HEADER_SIZE})")
     if blob[: len(ENVELOPE_MAGIC)] != ENVELOPE_MAGIC:
         raise CorruptEntry(f"{where}: bad magic {blob[: len(ENVELOPE_MAGIC)]!r}")
     payload = blob[_HEADER_SIZE:]
-    if hashlib.sha256(payload).digest() != blob[len(ENVELOPE_MAGIC) : _HEADER_SIZE]:
+    if _digest(key, payload) != blob[len(ENVELOPE_MAGIC) : _HEADER_SIZE]:
         raise CorruptEntry(f"{where}: checksum mismatch ({len(payload)} payload bytes)")
     return payload
 
@@ -164,8 +169,8 @@ def _unwrap(blob: bytes, where: str) -> bytes:
 class SafeDisk(diskcache.Disk):
     """A `diskcache.Disk` that stores only str keys and bytes values and never unpickles.
 
-    Values are wrapped in an envelope (magic, sha256 of the payload, payload) that is verified on
-    every read. Anything that is not a raw str key or an enveloped bytes value raises `UnsafeEntry`
+    Values are sealed in an envelope (magic, sha256 of key and payload, payload) that `Store.get`
+    opens and checks on every read. Anything that is not a raw str key or an enveloped bytes value raises `UnsafeEntry`
     (pickle mode) or `CorruptEntry` (anything else) instead of being decoded.
     """
 
@@ -186,23 +191,27 @@ class SafeDisk(diskcache.Disk):
             # The base class would pickle anything else; file handles (read=True) would bypass the
             # envelope. Only whole bytes objects are accepted.
             raise TypeError(f"SafeDisk values must be bytes, not {type(value).__name__}")
+        if not isinstance(key, str):
+            raise TypeError("SafeDisk needs the key to seal a value (use Cache.set or Cache.add)")
         # The base class stores bytes shorter than min_file_size inline (MODE_RAW) and longer ones in
         # their own file (MODE_BINARY); both paths keep the envelope byte for byte.
-        return super().store(_wrap(bytes(value)), False, key=key)
+        return super().store(_wrap(key, bytes(value)), False, key=key)
 
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
         if mode == MODE_PICKLE:
             raise UnsafeEntry("value stored in pickle mode; refusing to unpickle it")
+        # Returns the sealed envelope: only the caller knows the key it was read under (Store.get
+        # opens it with `_unwrap`), and diskcache's own readers never see an unchecked payload.
         if mode == MODE_RAW:
             if not isinstance(value, bytes):
                 raise CorruptEntry(f"inline value has type {type(value).__name__}, expected bytes")
-            payload = _unwrap(value, "inline value")
+            blob = value
         elif mode == MODE_BINARY:
-            payload = _unwrap(self._read_value_file(filename), f"value file {filename}")
+            blob = self._read_value_file(filename)
         else:
             # MODE_TEXT / MODE_NONE / anything else was not written by SafeDisk.
             raise CorruptEntry(f"unexpected storage mode {mode!r}")
-        return io.BytesIO(payload) if read else payload
+        return io.BytesIO(blob) if read else blob
 
     def remove(self, file_path: str) -> None:
         # Cache.clear()/delete() and our own discards call this with the row's filename column. A
@@ -283,7 +292,8 @@ class Store:
                 return None
             rowid, store_time, mode, filename, value = row
             try:
-                return self._cache.disk.fetch(mode, filename, value, False)
+                blob = self._cache.disk.fetch(mode, filename, value, False)
+                return _unwrap(blob, key, f"value file {filename}" if filename else "inline value")
             except CorruptEntry as exc:
                 if self._discard(key, rowid, store_time, filename, exc):
                     return None

@@ -185,9 +185,31 @@ def test_safedisk_refuses_non_str_keys_and_non_bytes_values(tmp_path: Path) -> N
         with pytest.raises(TypeError):
             cache.set("key", {"would": "be pickled"})
         cache.set("key", b"fine")
-        assert cache.get("key") == b"fine"
+        # diskcache's own readers get the sealed envelope, never an unchecked payload.
+        sealed = cache.get("key")
+        assert sealed.startswith(ENVELOPE_MAGIC) and sealed.endswith(b"fine")
     finally:
         cache.close()
+
+
+def test_a_value_moved_under_another_key_is_caught(tmp_path: Path) -> None:
+    """The digest covers the key: two swapped rows are two corrupt entries, not two wrong frames."""
+    store = Store(tmp_path / "s")
+    store.put(k(1), b"frame one")
+    store.put(k(2), b"frame two")
+    db = sqlite3.connect(tmp_path / "s" / "cache.db")
+    one, two = (
+        db.execute("SELECT value FROM Cache WHERE key = ?", (key,)).fetchone()[0] for key in (k(1), k(2))
+    )
+    db.execute("UPDATE Cache SET value = ? WHERE key = ?", (two, k(1)))
+    db.execute("UPDATE Cache SET value = ? WHERE key = ?", (one, k(2)))
+    db.commit()
+    db.close()
+    with pytest.warns(CacheWarning):
+        assert store.get(k(1)) is None
+    with pytest.warns(CacheWarning):
+        assert store.get(k(2)) is None
+    store.close()
 
 
 def test_record_key() -> None:

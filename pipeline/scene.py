@@ -35,13 +35,11 @@ from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
-MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint", "depth2img", "feedback")
 # Scalars that a keyframe may set and that are interpolated with the keyframe's curve.
 SCALARS: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
 # Values that hold from the keyframe that sets them until the next one that does.
 HELD: tuple[str, ...] = ("mode", "init_image", "mask", "depth_map")
 IMAGE_FIELDS: tuple[str, ...] = ("init_image", "mask", "depth_map")
-OUTPUT_KINDS: dict[str, str] = {".mp4": "mp4", ".gif": "gif", ".png": "grid", ".jpg": "grid", ".jpeg": "grid"}
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_FRAMES = 1_000_000
@@ -294,12 +292,15 @@ class Scene(_Strict):
 
 
 def output_kind(out: Output) -> str | None:
-    """The kind of an output: given, or from its extension; a path ending in '/' is a folder of PNGs."""
+    """The kind of an output: given, or from its path (see ``assemble.kind_for_path``); None if unknown."""
+    from pipeline.assemble import kind_for_path  # one table of suffixes, shared with the writers
+
     if out.kind:
         return out.kind
-    if out.path.endswith("/"):
-        return "frames"
-    return OUTPUT_KINDS.get(Path(out.path).suffix.lower())
+    try:
+        return kind_for_path(out.path)
+    except ValueError:
+        return None
 
 
 def parse_frame_ref(ref: int | str, fps: float) -> int:

@@ -31,7 +31,7 @@ from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
 from pipeline.models import RANDOM_WEIGHTS_NOTE, ModelError, resolve_model
 from pipeline.planner import Plan, plan
-from pipeline.run import check_outputs, run
+from pipeline.run import check_outputs, readable_frames, run
 from pipeline.scene import Scene, check_against_model, load_scene
 from pipeline.yamlio import SceneError
 
@@ -84,11 +84,6 @@ def _open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
             else f"if it is damaged, clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
         )
         _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
-
-
-def _readable(cache: CacheDir, p: Plan) -> set[str]:
-    """Keys of the plan's frames that are stored AND read back intact: a damaged one is rendered again."""
-    return {key for key in cache.frames.present([j.key for j in p]) if cache.frames.get(key) is not None}
 
 
 def _describe_cond(p: Plan, cond: dict[str, Any]) -> str:
@@ -231,7 +226,7 @@ def render_command(
         cache = _open_cache(cache_dir, writable=True)
         assert cache is not None
         stack.callback(cache.close)
-        cached = _readable(cache, p)
+        cached = readable_frames(cache, p)
         if memo != memo_before:
             _save_memo(cache, memo)
         if device == "auto" and any(j.key not in cached for j in p):
@@ -242,7 +237,7 @@ def render_command(
             if actual != env.device:
                 env = resolve_env(scene, device=actual, ref=ref)
                 p = plan(scene, env)
-                cached = _readable(cache, p)
+                cached = readable_frames(cache, p)
         if ref.is_embedded and not quiet:
             typer.echo(RANDOM_WEIGHTS_NOTE.format(name=ref.spec), err=True)
         previous = load_plan(cache.records, scene.path)

@@ -6,10 +6,10 @@ mode, with ``prompt_embeds``/``pooled_prompt_embeds``/``negative_*`` and the noi
 ``encode_png``::
 
     renderer = FrameRenderer(pipe, scene, plan, cache, device="cpu", dtype="float32")
-    for batch in batches(jobs, 4):
-        pngs = renderer.render_batch(batch)      # one PNG per job, in order
+    pngs = renderer.render_batch(batch)          # one PNG per job, in order
 
-Frames that share their scalar settings go through one pipeline call. Each frame brings its own
+A batch is frames that share their scalar settings (``FrameJob.batch_group``; ``pipeline.run``
+forms the batches); it goes through one pipeline call. Each frame brings its own
 noise and its own generator (for ancestral samplers and VAE sampling), so its pixels never depend
 on the batch it lands in. A feedback frame starts from the frame before it, read from the cache, so
 the caller renders feedback chains in waves (see ``pipeline.run``).
@@ -60,16 +60,6 @@ PIPELINES: dict[tuple[str, str], str] = {
 def default_batch_size(device: str) -> int:
     """Frames per pipeline call: small on CPU (no gain from more), larger on a GPU."""
     return DEFAULT_BATCH.get(device, 4)
-
-
-def batches(jobs: Sequence[FrameJob], size: int) -> Iterator[list[FrameJob]]:
-    """Group jobs with equal settings (in frame order) and cut each group into batches of ``size``."""
-    groups: dict[str, list[FrameJob]] = {}
-    for job in jobs:
-        groups.setdefault(job.batch_group, []).append(job)
-    for group in groups.values():
-        for i in range(0, len(group), size):
-            yield group[i : i + size]
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -152,6 +152,11 @@ def _stamp(path: Path) -> list[int] | None:
         return None
 
 
+def readable_frames(cache: CacheDir, plan: Plan) -> set[str]:
+    """Keys of the plan's frames that are stored AND read back intact: a damaged one is rendered again."""
+    return {key for key in cache.frames.present([j.key for j in plan]) if cache.frames.get(key) is not None}
+
+
 class FrameMissing(RuntimeError):
     """A cached frame turned out unreadable while writing outputs: it must be rendered again."""
 
@@ -184,11 +189,7 @@ def run(
             break
         except FrameMissing:
             # A cached frame was corrupt (the cache warned): render every unreadable frame again.
-            cached = {
-                key
-                for key in cache.frames.present(job.key for job in plan)
-                if cache.frames.get(key) is not None
-            }
+            cached = readable_frames(cache, plan)
     else:
         raise RuntimeError("frames keep disappearing from the cache while outputs are written")
     # Frames this process rendered; the rest came from the cache (or from another render sharing it).
@@ -198,7 +199,7 @@ def run(
         "frames": len(plan),
         "rendered": rendered,
         "cached": len(plan) - rendered,
-        "renders": renderer.done if renderer else 0,
+        "renders": len(renderer.rendered) if renderer else 0,
         "embeddings_encoded": renderer.encoded if renderer else 0,
         "outputs": [str(t.path) for t in targets],
         "output_status": status,
@@ -239,7 +240,6 @@ class Renders:
         self.renderer = FrameRenderer(pipe, scene, plan, cache, device=env.device, dtype=env.dtype)
         self.batch_size = batch_size or default_batch_size(env.device)
         self.quiet = quiet
-        self.done = 0
         self.rendered: set[str] = (
             set()
         )  # keys this process rendered (others sharing the cache render the rest)
@@ -265,7 +265,7 @@ class Renders:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        bar.set_postfix_str(f"cached {already}, rendered {self.done}")
+        bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
         queue = _ReadyQueue(jobs)
         elsewhere: dict[
             str, Any
@@ -294,7 +294,7 @@ class Renders:
                         for job in todo:
                             queue.finish(job.key)
                         bar.update(sum(per_key[job.key] for job in todo))
-                        bar.set_postfix_str(f"cached {already}, rendered {self.done}")
+                        bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
                     if self.stop_requested:
                         raise KeyboardInterrupt
                     continue
@@ -340,7 +340,6 @@ class Renders:
         for job, png in zip(batch, pngs, strict=True):
             # Stored at once: a run killed after this line resumes without rendering this frame again.
             self.cache.frames.put(job.key, png)
-            self.done += 1
             self.rendered.add(job.key)
             if self.log:
                 with open(self.log, "a") as f:

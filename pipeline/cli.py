@@ -86,19 +86,34 @@ def _open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
         _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
 
 
-def _describe_cond(p: Plan, cond: dict[str, Any]) -> str:
-    def blend(parts: list[list[Any]]) -> str:
-        if len(parts) == 1:
-            return _short(p.text(parts[0][0]))
-        return " + ".join(f"{_short(p.text(k), 18)}×{w:g}" for k, w in parts)
+class _Describe:
+    """One-line descriptions of frame conditioning for the plan table and ``--plan --json``."""
 
-    if "grid" in cond:
-        return f"grid u={cond['u']:g} v={cond['v']:g}"
-    if "walk" in cond:
-        return f"{blend(cond['a'])} +{cond['walk']['offset']:g}"
-    if "b" in cond:
-        return f"{blend(cond['a'])} → {blend(cond['b'])} @{cond['t']:.3f}"
-    return blend(cond["a"])
+    def __init__(self, p: Plan) -> None:
+        self.plan = p
+        # Frames share their keyframes' blend lists, so each is described once (by identity: the
+        # lists live as long as the plan, which outlives this object).
+        self._blends: dict[int, str] = {}
+
+    def blend(self, parts: list[list[Any]]) -> str:
+        found = self._blends.get(id(parts))
+        if found is None:
+            p = self.plan
+            if len(parts) == 1:
+                found = _short(p.text(parts[0][0]))
+            else:
+                found = " + ".join(f"{_short(p.text(k), 18)}×{w:g}" for k, w in parts)
+            self._blends[id(parts)] = found
+        return found
+
+    def cond(self, cond: dict[str, Any]) -> str:
+        if "grid" in cond:
+            return f"grid u={cond['u']:g} v={cond['v']:g}"
+        if "walk" in cond:
+            return f"{self.blend(cond['a'])} +{cond['walk']['offset']:g}"
+        if "b" in cond:
+            return f"{self.blend(cond['a'])} → {self.blend(cond['b'])} @{cond['t']:.3f}"
+        return self.blend(cond["a"])
 
 
 def _describe_noise(noise: dict[str, Any]) -> str:
@@ -115,6 +130,7 @@ def _short(text: str, width: int = 32) -> str:
 
 
 def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json: bool) -> None:
+    describe = _Describe(p)
     if as_json:
         rows = [
             {
@@ -122,7 +138,7 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
                 "key": j.key,
                 "cached": s == "cached",
                 "status": s,
-                "prompt": _describe_cond(p, j.recipe["cond"]),
+                "prompt": describe.cond(j.recipe["cond"]),
                 "cond": j.recipe["cond"],
                 "noise": j.recipe["noise"],
                 "scalars": j.recipe["scalars"],
@@ -130,8 +146,9 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
             }
             for j, s in zip(p, status, strict=True)
         ]
-        # One object per line: readable, and json.dumps without indent uses the fast C encoder.
-        typer.echo("[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]")
+        # One object per line: readable, and without indent the encoder is the fast C one.
+        encode = json.JSONEncoder(ensure_ascii=False).encode
+        typer.echo("[\n" + ",\n".join(map(encode, rows)) + "\n]")
         return
     typer.echo(
         f"{scene.path.name}: {len(p)} frames, {scene.width}x{scene.height}, {scene.steps} steps, model {env.model} on {env.device}/{env.dtype}"
@@ -143,7 +160,7 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
         if j.recipe["mode"]["mode"] != "txt2img":
             values = f"{j.recipe['mode']['mode']} {values}"
         typer.echo(
-            f"{j.frame:>6}  {j.key[:12]}  {_short(_describe_cond(p, j.recipe['cond']), 54):54}  "
+            f"{j.frame:>6}  {j.key[:12]}  {_short(describe.cond(j.recipe['cond']), 54):54}  "
             f"{_short(_describe_noise(j.recipe['noise']), 22):22}  {_short(values, 28):28}  {s}"
         )
     cached = sum(1 for s in status if s == "cached")

@@ -14,7 +14,15 @@ import pytest
 from PIL import Image
 
 from pipeline.environment import RenderEnv
-from pipeline.keys import SIGNIFICANT_DIGITS, canonical_json, file_digest, key_of, round_float
+from pipeline.keys import (
+    SIGNIFICANT_DIGITS,
+    KeyTemplate,
+    Slot,
+    canonical_json,
+    file_digest,
+    key_of,
+    round_float,
+)
 from pipeline.planner import plan
 from pipeline.scene import parse_scene
 
@@ -130,6 +138,75 @@ def test_pinned_digests():
     )
     assert key_of({}) == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
     assert key_of("é") == "f2886017e9c7abacf804b54d64787dce2b611c9544ba21f3affdd126a6e50086"
+
+
+# -- key templates -------------------------------------------------------------------------------
+
+H = "608e00e319d2c83e85f435f765886f49fff183ec8b6b9c5a9ac7ed28019c7e87"
+
+
+def _fill(skeleton: Any, values: tuple[Any, ...]) -> Any:
+    """The skeleton with each Slot replaced by its value (the slow, obvious way)."""
+    if isinstance(skeleton, Slot):
+        return values[skeleton.index]
+    if isinstance(skeleton, dict):
+        return {k: _fill(v, values) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [_fill(v, values) for v in skeleton]
+    return skeleton
+
+
+# Slots given in an order other than the text's (sorted keys), nested, in lists, and unused.
+TEMPLATES = {
+    "frame": (
+        {
+            "base": H,
+            "frame": {
+                "scalars": {"guidance": Slot(0), "strength": Slot(3)},
+                "noise": {"seed": 22, "to": 33, "t": Slot(2)},
+                "cond": {"a": [[H, 0.5]], "b": [[H, 1.0]], "t": Slot(1), "method": "slerp"},
+            },
+        },
+        [(9.09600576, 0.03200192008, 0.03200192008, 0.5), (1e-05, 1e20, -0.0 + 0.0, 7.0)],
+    ),
+    "ints and lists": (
+        {"seed": Slot(1), "grid": [Slot(0), "x", [Slot(2)]]},
+        [(1.5, 2**62 + 1, -3), (0.1, 0, 7)],
+    ),
+    "text slot": ({"mode": "feedback", "prev": Slot(0, text=True)}, [(H,), ('é " ✓',)]),
+    "percent in fixed text": ({"lora": {"50%": Slot(0)}, "%s": "%r"}, [(0.25,), (3,)]),
+    "unused slot": ({"t": Slot(1)}, [("not used", 0.5)]),
+    "no slot": ({"a": [1, 2.5, None, True]}, [()]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_key_template_gives_the_key_of_the_filled_recipe(name):
+    skeleton, cases = TEMPLATES[name]
+    template = KeyTemplate(skeleton)
+    for values in cases:
+        filled = _fill(skeleton, values)
+        assert template.key(values) == key_of(filled, normalised=True) == key_of(filled), values
+
+
+def test_key_template_pinned_digest():
+    t = KeyTemplate({"prompt": "a dog", "t": Slot(0)})
+    assert t.key((0.25,)) == "457ff6d55c7a61849fa0bac8e47ba3fafdc748219ef8b46786a698a337e22776"
+
+
+@pytest.mark.parametrize(
+    ("skeleton", "error"),
+    [
+        ({"a": Slot(0), "b": Slot(0)}, ValueError),  # one index twice
+        ({"a": "\ue000"}, ValueError),  # the marker in the fixed text
+        ({"a": Path("x"), "t": Slot(0)}, TypeError),  # not JSON data
+        ({"a": math.nan, "t": Slot(0)}, ValueError),
+    ],
+    ids=["slot-twice", "marker-in-text", "path", "nan"],
+)
+def test_key_template_refuses_what_it_cannot_fill_exactly(skeleton, error):
+    with pytest.raises(error):
+        KeyTemplate(skeleton)
 
 
 def test_file_digest_is_sha256_of_content(tmp_path):

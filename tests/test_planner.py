@@ -6,17 +6,20 @@ Expected floats are literals; a recipe holds them rounded to 10 significant digi
 
 from __future__ import annotations
 
+import gc
 import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from PIL import Image
 
+import pipeline.planner
 from pipeline.curves import ease_in_out_sine
-from pipeline.keys import canonical_json, key_of
+from pipeline.keys import KeyTemplate, canonical_json, key_of
 from pipeline.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -605,17 +608,120 @@ VARIED = {
           - {frame: 0, prompt: a dog}
           - {frame: 6, prompt: a cat, zoom: 1.1, angle: -3, translate_x: 0.25, strength: 0.35}
         """,
+    # The mode, its inputs, a LoRA scale and the negative branch (guidance crossing 1) all change.
+    "modes change": """
+        init_image: init.png
+        mask: mask.png
+        negative_prompt: blurry
+        loras: [{path: style.safetensors, name: style, scale: 0.2}]
+        keyframes:
+          - {frame: 0, prompt: a dog, guidance: 0.5}
+          - {frame: 5, mode: img2img, strength: 0.4, guidance: 3, lora: {style: 0.9}}
+          - {frame: 9, mode: feedback, zoom: 1.05, prompt: a cat, curve: ease_in_back}
+          - {frame: 14, mode: inpaint, guidance: 1, negative_prompt: ugly}
+          - {frame: 18, mode: txt2img, prompt: a cow, lora: {style: 0}}
+        frames: 22
+        """,
+    # Eased t within 1e-10 of 1 (ease_out_quint near frame 1000) or exactly 0 (step) rounds onto a
+    # keyframe: those frames take one value whole, in the middle of a run of in-between frames.
+    "rounds onto keyframes": """
+        noise: travel
+        keyframes:
+          - {frame: 0, prompt: a dog, seed: 1}
+          - {frame: 1000, prompt: a cat, seed: 2, guidance: 9, curve: ease_out_quint}
+          - {frame: 1100, prompt: a cow, seed: 3, curve: step}
+        frames: 1150
+        """,
 }
 
 
+@pytest.fixture
+def varied_plan(plan_text, make_env, tmp_path):
+    """``varied_plan(name)``: plan a VARIED scene, with its input files in a temp folder."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "init.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
+    (tmp_path / "style.safetensors").write_bytes(b"weights")
+    files = {"init.png": "init-hash", "mask.png": "mask-hash", "style.safetensors": "lora-hash"}
+    return lambda name: plan_text(
+        textwrap.dedent(VARIED[name]), make_env(files=files), base_path=tmp_path / "s.yaml"
+    )
+
+
 @pytest.mark.parametrize("name", sorted(VARIED))
-def test_every_recipe_float_is_already_rounded(plan_text, name):
-    p = plan_text(textwrap.dedent(VARIED[name]))
+def test_every_recipe_float_is_already_rounded(varied_plan, name):
+    p = varied_plan(name)
     assert len(p) > 1
     for job in p:
         whole = {"base": p.base_key, "frame": job.recipe}
         assert canonical_json(whole) == canonical_json(whole, normalised=True), job.frame
         assert key_of(whole) == key_of(whole, normalised=True) == job.key, job.frame
+
+
+def test_varied_scenes_reach_what_they_are_for(varied_plan):
+    p = varied_plan("modes change")
+    assert [p[n].recipe["mode"]["mode"] for n in (0, 5, 9, 13, 14, 18)] == [
+        "txt2img", "img2img", "feedback", "feedback", "inpaint", "txt2img"
+    ]  # fmt: skip
+    assert p[10].recipe["mode"] == {"mode": "feedback", "init": "init-hash", "prev": p[9].key}
+    assert p[14].recipe["mode"] == {"mode": "inpaint", "init": "init-hash", "mask": "mask-hash"}
+    assert ["neg" in p[n].recipe for n in (0, 4, 5, 13, 14)] == [False, True, True, True, False]
+    lora = [p[n].recipe["scalars"]["lora"]["style"] for n in (0, 3, 5, 7, 18)]
+    assert lora[0] == 0.2 < lora[1] < lora[2] == 0.9 > lora[3] > lora[4] == 0.0
+    q = varied_plan("rounds onto keyframes")
+    whole = [n for n in range(1, 1150) if n not in (1000, 1100) and "b" not in q[n].recipe["cond"]]
+    assert whole[0] < 1000 < whole[-1]  # some frames before 1000 round onto it, and the step after it
+    assert q[999].recipe["cond"] == q[1000].recipe["cond"] and q[999].recipe["noise"] == {"seed": 2}
+    assert q[999].key == q[1000].key  # guidance is keyed alike, so frame 999 is frame 1000's image
+
+
+class _CountingTemplate(KeyTemplate):
+    made: ClassVar[list[KeyTemplate]] = []
+
+    def __init__(self, skeleton: object) -> None:
+        super().__init__(skeleton)
+        _CountingTemplate.made.append(self)
+
+
+def test_frames_of_one_state_share_a_key_template(plan_text, monkeypatch):
+    monkeypatch.setattr(pipeline.planner, "KeyTemplate", _CountingTemplate)
+    monkeypatch.setattr(_CountingTemplate, "made", [])
+    p = plan_text("frames: 200\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 100, prompt: a cat}\n")
+    # Two states: between the keyframes, and on or after the last (frame 0 alone stays a one-off).
+    assert len(_CountingTemplate.made) == 2
+    assert all(j.key == key_of({"base": p.base_key, "frame": j.recipe}) for j in p)
+    # A scene keyed at every frame has a new state at every frame: no template is worth making.
+    _CountingTemplate.made.clear()
+    every = "".join(f"  - {{frame: {n}, prompt: p{n % 3}, guidance: {n % 4 + 2}}}\n" for n in range(50))
+    q = plan_text("keyframes:\n" + every)
+    assert _CountingTemplate.made == []
+    assert all(j.key == key_of({"base": q.base_key, "frame": j.recipe}) for j in q)
+
+
+def test_a_key_template_that_disagrees_with_key_of_stops_the_plan(plan_text, monkeypatch):
+    monkeypatch.setattr(KeyTemplate, "key", lambda self, values: "0" * 64)
+    with pytest.raises(AssertionError, match="planner bug"):
+        plan_text("keyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 5, prompt: a cat}\n")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_plan_leaves_the_garbage_collector_as_it_found_it(plan_text, monkeypatch, enabled):
+    # The planner pauses the collector while it builds a plan (see planner._no_gc).
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        plan_text("keyframes:\n  - {frame: 0, prompt: a dog}\n")
+        assert gc.isenabled() is enabled
+
+        def broken(*args: object) -> None:
+            assert not gc.isenabled()
+            raise RuntimeError("broken recipe")
+
+        monkeypatch.setattr(pipeline.planner._Frames, "recipe", broken)
+        with pytest.raises(RuntimeError, match="broken recipe"):
+            plan_text("keyframes:\n  - {frame: 0, prompt: a dog}\n")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline import curves
+from pipeline.gcpause import gc_paused
 from pipeline.schedulers import scheduler_names
 from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient
 
@@ -359,6 +360,15 @@ def parse_scene(
     Every problem is reported in one go: YAML problems that leave the data usable, type problems,
     and the scene rules (run on the data with the badly typed keys set aside).
     """
+    # YAML nodes, plain data and models, none in a cycle: a scene keyed at every frame makes millions.
+    with gc_paused():
+        return _parse_scene(text, shown, base_path=base_path, allow_outside_inputs=allow_outside_inputs)
+
+
+def _parse_scene(
+    text: str, shown: str, *, base_path: Path | None = None, allow_outside_inputs: bool = False
+) -> Scene:
+    """:func:`parse_scene`, with the collector paused."""
     doc, problems = load_yaml_lenient(text, shown)
     if not isinstance(doc.data, dict):
         kind = type(doc.data).__name__ if doc.data is not None else "empty"

@@ -705,7 +705,7 @@ def test_a_key_template_that_disagrees_with_key_of_stops_the_plan(plan_text, mon
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_plan_leaves_the_garbage_collector_as_it_found_it(plan_text, monkeypatch, enabled):
-    # The planner pauses the collector while it builds a plan (see planner._no_gc).
+    # The planner pauses the collector while it builds a plan (pipeline.gcpause).
     was = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
     try:

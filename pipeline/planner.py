@@ -32,7 +32,7 @@ from pipeline.environment import RenderEnv
 from pipeline.gcpause import gc_paused
 from pipeline.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.models import T5_COMPONENTS, TEXT_COMPONENTS
-from pipeline.scene import HELD, SCALARS, Keyframe, PromptPart, Scene
+from pipeline.scene import HELD, SCALARS, PromptPart, Scene
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1
@@ -130,16 +130,16 @@ class _Track:
                 break
             end = min(frames[i + 1] if i < last else total, total)
             here = (i, i)
+            if end - start == 1:  # the next keyframe is the next frame (a scene keyed at every frame)
+                pairs.append(here)
+                ts.append(0.0)
+                continue
             if i == last or self.holds[i]:
                 pairs += [here] * (end - start)
                 ts += [0.0] * (end - start)
                 continue
-            curve, span, there, between = (
-                self.curves[i + 1],
-                frames[i + 1] - start,
-                (i + 1, i + 1),
-                (i, i + 1),
-            )
+            curve, span = self.curves[i + 1], frames[i + 1] - start
+            there, between = (i + 1, i + 1), (i, i + 1)
             eased = [round_float(curve((n - start) / span)) for n in range(start + 1, end)]
             pairs.append(here)
             pairs += [here if t == 0.0 else there if t == 1.0 else between for t in eased]
@@ -152,38 +152,47 @@ def _tracks(scene: Scene) -> dict[str, _Track]:
     """Build every track from the keyframes and the scene's top-level values."""
     default_curve = parse_curve(scene.curve)
     frames, keyframes = scene.keyframe_frames, scene.keyframes
-    at_0 = (
-        keyframes[0] if frames and frames[0] == 0 else None
-    )  # keyframes are in order: only the first can be at 0
-    hold_at_0 = bool(at_0 and at_0.hold)
-    # Per keyframe once, not per track: a scene exported with a keyframe at every frame has 100,000.
+    at_0 = bool(frames) and frames[0] == 0  # keyframes are in order: only the first can be at 0
+    hold_at_0 = at_0 and keyframes[0].hold
+    # Per keyframe once, not per track, and every field read in one call per keyframe (a scene
+    # exported with a keyframe at every frame has 100,000 of them).
     curves = [parse_curve(kf.curve) if kf.curve else default_curve for kf in keyframes]
     holds = [kf.hold for kf in keyframes]
+    fields = ("prompt", "negative_prompt", "seed", "lora", *SCALARS, *HELD)
+    by_field: dict[str, Sequence[Any]] = (
+        dict(zip(fields, zip(*map(attrgetter(*fields), keyframes), strict=True), strict=True))
+        if keyframes
+        else {}
+    )
     tracks: dict[str, _Track] = {}
 
     def track(
-        name: str, top: Any, getter: Callable[[Keyframe], Any], *, has_top: bool = True, held: bool = False
+        name: str, top: Any, column: Sequence[Any], *, has_top: bool = True, held: bool = False
     ) -> None:
+        """``column``: the value each keyframe sets (None where it sets none)."""
         t = _Track()
-        if has_top and (at_0 is None or getter(at_0) is None):
+        if has_top and not (at_0 and column[0] is not None):
             t.add(0, top, default_curve, held or hold_at_0)
-        found = [(i, v) for i, v in enumerate(map(getter, keyframes)) if v is not None]
+        found = [(i, v) for i, v in enumerate(column) if v is not None]
         t.frames += [frames[i] for i, _ in found]
         t.values += [v for _, v in found]
         t.curves += [curves[i] for i, _ in found]
         t.holds += [True] * len(found) if held else [holds[i] for i, _ in found]
         tracks[name] = t
 
-    track("prompt", None, attrgetter("prompt"), has_top=False)
-    track("negative_prompt", scene.negative_prompt, attrgetter("negative_prompt"))
-    track("seed", scene.noise.seed if scene.noise.seed is not None else scene.seed, attrgetter("seed"))
+    def field(name: str) -> Sequence[Any]:
+        return by_field.get(name, ())  # no keyframes (a walk or a grid): every column is empty
+
+    track("prompt", None, field("prompt"), has_top=False)
+    track("negative_prompt", scene.negative_prompt, field("negative_prompt"))
+    track("seed", scene.noise.seed if scene.noise.seed is not None else scene.seed, field("seed"))
     for name in SCALARS:
-        track(name, getattr(scene, name), attrgetter(name))
+        track(name, getattr(scene, name), field(name))
     for lora in scene.loras:
         name = scene.lora_name(lora)
-        track(f"lora:{name}", lora.scale, lambda kf, name=name: (kf.lora or {}).get(name))
+        track(f"lora:{name}", lora.scale, [(scales or {}).get(name) for scales in field("lora")])
     for name in HELD:
-        track(name, getattr(scene, name), attrgetter(name), held=True)
+        track(name, getattr(scene, name), field(name), held=True)
     return tracks
 
 
@@ -237,6 +246,7 @@ class _Embeddings:
         }
         self.by_text: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
+        self.blends: dict[tuple[tuple[str, float], ...], list[list[Any]]] = {}
 
     def key(self, text: str) -> str:
         found = self.by_text.get(text)
@@ -248,17 +258,22 @@ class _Embeddings:
         return found
 
     def blend(self, parts: list[PromptPart]) -> list[list[Any]]:
-        total = sum(p.weight for p in parts)
-        return [[self.key(p.text), round_float(p.weight / total)] for p in parts]
+        """A prompt as [[embedding key, weight], ...]; equal prompts give the same (shared) list."""
+        sig = tuple((p.text, p.weight) for p in parts)
+        found = self.blends.get(sig)
+        if found is None:
+            total = sum(p.weight for p in parts)
+            found = self.blends[sig] = [[self.key(p.text), round_float(p.weight / total)] for p in parts]
+        return found
 
 
 class _Frames:
     """Every frame's recipe, made from columns: the planner's inner loop, kept cheap.
 
-    A frame's recipe is decided by its *state* (which keyframes it lies between on each track, whether
-    the negative prompt counts, the held mode and inputs: small ints and bools that stay the same over
-    long runs of frames) and its *values* (eased t, scalars, offsets: the numbers that change at every
-    frame). Both are computed a column at a time over the whole scene, and :meth:`recipe` puts one
+    A frame's recipe is decided by its *state* (which prompts it lies between, whether it takes a
+    keyframe's values whole, whether the negative prompt counts, the held mode and inputs: small ints
+    and bools shared by long runs of frames) and its *values* (eased t, seeds, scalars, offsets: the
+    numbers that change from frame to frame). Both are computed a column at a time over the whole scene, and :meth:`recipe` puts one
     frame's together. :meth:`recipe` only places values, it never computes with them: called with
     :class:`~pipeline.keys.Slot` s in place of the values it gives the skeleton of a
     :class:`~pipeline.keys.KeyTemplate` that every frame of that state shares, so one function decides
@@ -276,7 +291,7 @@ class _Frames:
         # 1. Conditioning: which embeddings, mixed how. Each keyframe's prompt becomes
         #    [[embedding key, weight], ...] once, not once per frame.
         prompts = [emb.blend(parts) for parts in tracks["prompt"].values]
-        negatives = [[[emb.key(text), 1.0]] for text in tracks["negative_prompt"].values]
+        negatives = [emb.blend([PromptPart(text=text)]) for text in tracks["negative_prompt"].values]
         walk, grid = scene.walk, scene.grid
         if walk is not None:
             a = [[emb.key(walk.prompt), 1.0]]
@@ -353,11 +368,17 @@ class _Frames:
     def _blend(self, track: _Track, made: list[Any], method: str) -> Callable[[Any, Any], dict[str, Any]]:
         """Conditioning from a prompt track; ``made[i]`` is keyframe i's prompt as [[embedding key, weight], ...]."""
         pairs, ts = self._schedule(track)
-        s, i = self._state(pairs), self._value(ts)
+        # Keyframes with equal blends (one shared list: _Embeddings.blend) share an index, so frames
+        # between keyframes with the same prompts share a state, and a key template: a scene keyed at
+        # every frame repeats a few prompts.
+        first: dict[int, int] = {}
+        same = [first.setdefault(id(blend), i) for i, blend in enumerate(made)]
+        state_of = {(a, b): (same[a], same[b], a == b) for a, b in set(pairs)}
+        s, i = self._state([state_of[p] for p in pairs]), self._value(ts)
 
         def cond(state: Any, values: Any) -> dict[str, Any]:
-            a, b = state[s]
-            if a == b:
+            a, b, whole = state[s]
+            if whole:
                 return {"a": made[a]}
             return {"a": made[a], "b": made[b], "t": values[i], "method": method}
 
@@ -381,14 +402,16 @@ class _Frames:
             return lambda s, v: {"circle": seeds, "s": v[i]}
         track = tracks["seed"]
         pairs, ts = self._schedule(track)
-        s, i = self._state(pairs), self._value(ts)
+        # The seeds are values, not state: frames between other keyframes still share a key template.
         seeds = track.values
+        s = self._state([a == b for a, b in pairs])
+        ia, ib = self._value([seeds[a] for a, _ in pairs]), self._value([seeds[b] for _, b in pairs])
+        it = self._value(ts)
 
         def travel(state: Any, values: Any) -> dict[str, Any]:
-            a, b = state[s]
-            if a == b:
-                return {"seed": seeds[a]}
-            return {"seed": seeds[a], "to": seeds[b], "t": values[i]}
+            if state[s]:
+                return {"seed": values[ia]}
+            return {"seed": values[ia], "to": values[ib], "t": values[it]}
 
         return travel
 

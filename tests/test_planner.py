@@ -689,12 +689,20 @@ def test_frames_of_one_state_share_a_key_template(plan_text, monkeypatch):
     # Two states: between the keyframes, and on or after the last (frame 0 alone stays a one-off).
     assert len(_CountingTemplate.made) == 2
     assert all(j.key == key_of({"base": p.base_key, "frame": j.recipe}) for j in p)
-    # A scene keyed at every frame has a new state at every frame: no template is worth making.
+    # A scene keyed at every frame: frames on keyframes with the same prompt share one template,
+    # whatever their seeds and guidance (numbers, not state)...
     _CountingTemplate.made.clear()
-    every = "".join(f"  - {{frame: {n}, prompt: p{n % 3}, guidance: {n % 4 + 2}}}\n" for n in range(50))
-    q = plan_text("keyframes:\n" + every)
-    assert _CountingTemplate.made == []
+    every = "".join(
+        f"  - {{frame: {n}, prompt: p{n % 3}, seed: {n}, guidance: {n % 4 + 2}}}\n" for n in range(50)
+    )
+    q = plan_text("noise: travel\nkeyframes:\n" + every)
+    assert len(_CountingTemplate.made) == 3
     assert all(j.key == key_of({"base": q.base_key, "frame": j.recipe}) for j in q)
+    # ...and with a new prompt at every frame every state is new: no template is worth making.
+    _CountingTemplate.made.clear()
+    r = plan_text("keyframes:\n" + "".join(f"  - {{frame: {n}, prompt: p{n}}}\n" for n in range(50)))
+    assert _CountingTemplate.made == []
+    assert all(j.key == key_of({"base": r.base_key, "frame": j.recipe}) for j in r)
 
 
 def test_a_key_template_that_disagrees_with_key_of_stops_the_plan(plan_text, monkeypatch):

@@ -273,11 +273,11 @@ class _Frames:
     A frame's recipe is decided by its *state* (which prompts it lies between, whether it takes a
     keyframe's values whole, whether the negative prompt counts, the held mode and inputs: small ints
     and bools shared by long runs of frames) and its *values* (eased t, seeds, scalars, offsets: the
-    numbers that change from frame to frame). Both are computed a column at a time over the whole scene, and :meth:`recipe` puts one
-    frame's together. :meth:`recipe` only places values, it never computes with them: called with
-    :class:`~pipeline.keys.Slot` s in place of the values it gives the skeleton of a
-    :class:`~pipeline.keys.KeyTemplate` that every frame of that state shares, so one function decides
-    both a frame's recipe and its key.
+    numbers that change from frame to frame). Both are computed a column at a time over the whole
+    scene, and :meth:`recipe` puts one frame's together. :meth:`recipe` only places values, it never
+    computes with them: called with :class:`~pipeline.keys.Slot` s in place of the values it gives
+    the skeleton of a :class:`~pipeline.keys.KeyTemplate` that every frame of that state shares, so
+    one function decides both a frame's recipe and its key.
     """
 
     def __init__(self, scene: Scene, env: RenderEnv, emb: _Embeddings) -> None:
@@ -436,7 +436,8 @@ class _Frames:
         return combo
 
     def rows(self) -> Iterator[tuple[int, tuple[Any, ...], tuple[Any, ...]]]:
-        """(frame, state, values) for every frame (the columns are never empty: guidance is always one)."""
+        """(frame, state, values) for every frame (neither list of columns is ever empty: guidance is a
+        value column and whether the negative prompt counts a state column, in every scene)."""
         return zip(
             range(self.total), zip(*self.states, strict=True), zip(*self.values, strict=True), strict=True
         )
@@ -489,7 +490,8 @@ def _plan(scene: Scene, env: RenderEnv) -> Plan:
     frames = _Frames(scene, env, emb)
     slots = frames.slots()
     # State -> the key template of its frames, or None for a state seen once so far: a template pays
-    # for itself from its second frame (a scene keyed at every frame has a new state at every frame).
+    # for itself from its second frame (a scene with a new prompt at every frame has a new state at
+    # every frame).
     templates: dict[tuple[Any, ...], KeyTemplate | None] = {}
     jobs: list[FrameJob] = []
     prev_key: str | None = None

@@ -121,12 +121,36 @@ def resolve_plain(text: str) -> Any:
     return text
 
 
+# A scene needs six levels (the top, keyframes, 1, prompt, 0, text). Composing and building recurse
+# once per level, so ten kilobytes of "[[[[..." would otherwise end in a RecursionError.
+MAX_DEPTH = 32
+
+
+class _TooDeep(Exception):
+    """Nesting beyond MAX_DEPTH, at a 1-based line and column."""
+
+    def __init__(self, line: int, col: int):
+        super().__init__(f"{line}:{col}")
+        self.line, self.col = line, col
+
+
 class _Strict(Composer):
-    """A composer that refuses aliases and anchors before anything is expanded, and every tag."""
+    """A composer that refuses aliases and anchors before anything is expanded, every tag, and deep nesting."""
 
     _problems: list[tuple[int, int, str]]
+    _depth = 0
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooDeep(mark.line + 1, mark.column + 1)
+        self._depth += 1
+        try:
+            return self._compose_checked(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose_checked(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
             event = self.get_event()
             self._problems.append(
@@ -211,22 +235,19 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
     every problem in one run. A syntax error leaves nothing usable and raises at once.
     """
     problems: list[tuple[int, int, str]] = []
-    root: Node | None = None
-    parsed = False
-    if CParser is not None:
-        try:
-            # CParser has a get_single_node of its own, in C; this one composes through _Strict.
-            root = Composer.get_single_node(_FastStrictLoader(text, problems))
-            parsed = True
-        except yaml.YAMLError:
-            problems.clear()  # read again below, for PyYAML's messages
     try:
-        if not parsed:
-            loader = _StrictLoader(text, problems)
-            try:
-                root = loader.get_single_node()
-            finally:
-                loader.dispose()
+        root = _compose(text, problems)
+    except _TooDeep as exc:
+        raise SceneError(
+            [
+                Problem(
+                    file,
+                    exc.line,
+                    exc.col,
+                    f"the YAML nests more than {MAX_DEPTH} levels deep here; a scene needs six at most",
+                )
+            ]
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # An unclosed quote or bracket is found at the end of the file; where it opened is more useful.
@@ -261,6 +282,21 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
         )
     doc.data = _build(root, (), doc, problems)
     return doc, [Problem(file, ln, col, msg) for ln, col, msg in problems]
+
+
+def _compose(text: str, problems: list[tuple[int, int, str]]) -> Node | None:
+    """The node tree of ``text``: with libyaml's parser when there is one and the text parses."""
+    if CParser is not None:
+        try:
+            # CParser has a get_single_node of its own, in C; this one composes through _Strict.
+            return Composer.get_single_node(_FastStrictLoader(text, problems))
+        except yaml.YAMLError:
+            problems.clear()  # read again below, for PyYAML's messages
+    loader = _StrictLoader(text, problems)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 def _line_col(text: str, position: int) -> tuple[int, int]:

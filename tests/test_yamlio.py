@@ -36,6 +36,9 @@ TRICKY = {
     "syntax error": "a: [1, 2\nb: 3\n",
     "second document": "a: 1\n---\nb: 2\n",
     "control character": "a: b\x07c\n",
+    "too deep, flow": "a: " + "[" * 5000 + "]" * 5000 + "\n",
+    "too deep, block": "a:\n" + "".join(" " * (2 * i) + "-\n" for i in range(1, 60)),
+    "as deep as allowed": "a: " + "[" * 30 + "1" + "]" * 30 + "\n",
 }
 
 
@@ -70,6 +73,25 @@ def test_tricky_yaml_reads_the_same_either_way(name, monkeypatch):
 def test_every_example_and_corpus_file_reads_the_same_either_way(path, monkeypatch):
     fast, slow = _both(path.read_text(encoding="utf-8"), monkeypatch)
     assert fast == slow
+
+
+@pytest.mark.parametrize("depth", [yamlio.MAX_DEPTH - 2, yamlio.MAX_DEPTH - 1, 5000])
+def test_nesting_beyond_the_limit_is_one_problem_not_a_recursion_error(depth):
+    # The top-level mapping is one level, each list one more, the 1 inside them one more.
+    text = "a: " + "[" * depth + "1" + "]" * depth + "\n"
+    if depth + 2 <= yamlio.MAX_DEPTH:
+        doc, problems = load_yaml_lenient(text, "s.yaml")
+        assert problems == []
+        inner = doc.data["a"]
+        for _ in range(depth):
+            (inner,) = inner
+        assert inner == 1
+        return
+    with pytest.raises(SceneError) as info:
+        load_yaml_lenient(text, "s.yaml")
+    (problem,) = info.value.problems
+    assert (problem.line, problem.col) == (1, 4 + yamlio.MAX_DEPTH - 1)  # the node one level too deep
+    assert f"nests more than {yamlio.MAX_DEPTH} levels" in problem.message
 
 
 def test_a_scene_keyed_at_every_frame_reads_the_same_either_way(monkeypatch):

@@ -324,6 +324,23 @@ def test_alias_bomb_is_rejected_fast(tmp_path: Path) -> None:
     check_rejected(path, tmp_path, "YAML alias")
 
 
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_nesting_bomb_is_one_located_problem_not_a_traceback(style: str, tmp_path: Path) -> None:
+    # 5,000 levels in 10 KB: composing it recursively would overflow Python's stack.
+    if style == "flow":
+        deep = "[" * 5000 + "a" + "]" * 5000
+        text = f"keyframes:\n  - {{frame: 0, prompt: {deep}}}\n"
+        where = "2:"
+    else:
+        deep = "".join(" " * (4 + 2 * i) + "-\n" for i in range(5000))
+        text = "keyframes:\n  - frame: 0\n    prompt:\n" + deep
+        where = f"{3 + 30}:"  # the 30th '-' line is the 33rd level (after the top, keyframes, 1, prompt)
+    scene = tmp_path / "scene.yaml"
+    scene.write_text(text)
+    lines = check_rejected(scene, tmp_path, "nests more than 32 levels")
+    assert len(lines) == 1 and lines[0].startswith(f"{scene}:{where}"), lines
+
+
 def test_corpus_and_these_cases_are_big_enough() -> None:
     corpus = list((ROOT / "tests" / "corpus").glob("*.yaml"))
     assert len(corpus) >= 40

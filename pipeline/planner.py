@@ -349,9 +349,10 @@ class _Frames:
 
     def _schedule(self, track: _Track) -> tuple[list[tuple[int, int]], list[float]]:
         """The track's (a, b) and t columns; tracks keyed alike (prompt, seed, guidance...) share one."""
-        found = self._schedules.get(track.schedule)
+        schedule = track.schedule  # three tuples as long as the track: build them once
+        found = self._schedules.get(schedule)
         if found is None:
-            found = self._schedules[track.schedule] = track.column(self.total)
+            found = self._schedules[schedule] = track.column(self.total)
         return found
 
     def _scalar_column(self, track: _Track) -> list[float]:

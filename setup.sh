@@ -11,5 +11,11 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/pip install --quiet -e ".[dev]"
+# constraints.txt pins every other package to the versions the tests last passed with, so a fresh
+# machine runs what was tested; SD_SCENES_UNPINNED=1 takes the newest releases pyproject.toml allows.
+if [ "${SD_SCENES_UNPINNED:-0}" = 1 ]; then
+  .venv/bin/pip install --quiet -e ".[dev]"
+else
+  .venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+fi
 .venv/bin/python -c "import torch, diffusers, transformers; print('ready: torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"

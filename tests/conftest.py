@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,23 @@ def run_render(scene: Path, cache: Path, *extra: str) -> dict[str, Any]:
         main([str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra])
     assert exc.value.code in (0, None), f"render exited with {exc.value.code}"
     return json.loads(report.read_text())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One CPU thread for torch, here and in every child process the tests start.
+
+    float32 reductions are summed in a thread-dependent order, so a frame's pixels can differ by 1
+    level between thread counts, and a feedback chain amplifies that frame after frame
+    (``bench/feedback_drift.py``). One thread makes the suite give the same numbers on any machine
+    size. This runs before the test modules are imported; torch is set directly in case a plugin
+    imported it already.
+    """
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

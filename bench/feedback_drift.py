@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _common import PYTHON, ROOT, header, quick, workdir
+from PIL import Image
 
 SETTINGS = [(1, 1), (2, 1), (4, 1), (1, 4), (2, 4)]  # (threads, batch size); the first is the reference
 

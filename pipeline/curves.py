@@ -209,17 +209,25 @@ def _check_unit(name: str, value: float) -> None:
         raise ValueError(f"cubic_bezier: {name}={value!r} must be in [0, 1] (it is a time coordinate)")
 
 
+# CSS allows any y, but 3 * 1e308 is inf, and a weight of 1e300 turns any keyframed value into
+# inf. A Bezier curve stays within the hull of its control points, so with |y| <= 100 every weight
+# does too (CSS's own overshooting presets use y within [-0.6, 1.6]).
+MAX_BEZIER_Y = 100.0
+
+
 @functools.lru_cache(maxsize=256)
 def cubic_bezier(x1: float, y1: float, x2: float, y2: float) -> Curve:
     """CSS ``cubic-bezier(x1, y1, x2, y2)``: control points P1=(x1, y1), P2=(x2, y2), ends fixed.
 
-    x1 and x2 must lie in [0, 1]; y1 and y2 may be anything finite (outside [0, 1] overshoots).
+    x1 and x2 must lie in [0, 1]; y1 and y2 in [-100, 100] (outside [0, 1] overshoots).
     """
     _check_unit("x1", x1)
     _check_unit("x2", x2)
     for name, value in (("y1", y1), ("y2", y2)):
-        if not math.isfinite(value):
-            raise ValueError(f"cubic_bezier: {name}={value!r} must be a finite number")
+        if not -MAX_BEZIER_Y <= value <= MAX_BEZIER_Y:  # also refuses nan
+            raise ValueError(
+                f"cubic_bezier: {name}={value!r} must be a number from {-MAX_BEZIER_Y:g} to {MAX_BEZIER_Y:g}"
+            )
     name = f"cubic_bezier({x1:g}, {y1:g}, {x2:g}, {y2:g})"
 
     # With P1 and P2 on the diagonal y(s) == x(s), so the curve is the identity; short-circuiting

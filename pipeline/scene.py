@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import re
+import stat
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,6 +47,13 @@ IMAGE_FIELDS: tuple[str, ...] = ("init_image", "mask", "depth_map")
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_FRAMES = 1_000_000
+# Bounds that keep every keyframed value finite through interpolation: a value moves by at most
+# (b - a) times a curve weight, and cubic_bezier weights stay within curves.MAX_BEZIER_Y, so values
+# of at most a million never overflow to inf (which no cache key can hold). A feedback frame moves
+# by a few pixels or degrees; a million is far beyond any use.
+MAX_MOTION = 1e6
+MAX_LORA_SCALE = 100.0
+MAX_WALK_STEP = 100.0
 
 
 class _Strict(BaseModel):
@@ -114,10 +124,14 @@ def _text_to_mapping(field: str) -> Any:
 
 
 class PromptPart(_Strict):
-    """One prompt of a weighted blend at a keyframe."""
+    """One prompt of a weighted blend at a keyframe (only the ratios of the weights count)."""
 
     text: str
     weight: float = Field(default=1.0, gt=0)
+
+
+Motion = Annotated[float, Field(ge=-MAX_MOTION, le=MAX_MOTION)]
+LoraScale = Annotated[float, Field(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)]
 
 
 Prompt = Annotated[list[PromptPart], BeforeValidator(_text_to_parts), Field(min_length=1)]
@@ -135,14 +149,14 @@ class Keyframe(_Strict):
     guidance: float | None = Field(default=None, ge=0, le=100)
     strength: float | None = Field(default=None, ge=0, le=1)
     zoom: float | None = Field(default=None, gt=0, le=100)
-    angle: float | None = None
-    translate_x: float | None = None
-    translate_y: float | None = None
+    angle: Motion | None = None
+    translate_x: Motion | None = None
+    translate_y: Motion | None = None
     mode: Mode | None = None
     init_image: str | None = None
     mask: str | None = None
     depth_map: str | None = None
-    lora: dict[str, float] | None = None
+    lora: dict[str, LoraScale] | None = None
 
 
 class Noise(_Strict):
@@ -159,17 +173,23 @@ class Walk(_Strict):
 
     prompt: str
     frames: int = Field(ge=1, le=MAX_FRAMES)
-    step_size: float = 0.01
+    step_size: float = Field(default=0.01, ge=-MAX_WALK_STEP, le=MAX_WALK_STEP)
     direction: Literal["ones", "random"] = "ones"
     direction_seed: int = Field(default=0, ge=0, lt=2**63)
 
 
 class Grid(_Strict):
-    """A grid between four corner prompts (top-left, top-right, bottom-left, bottom-right)."""
+    """A grid between four corner prompts (top-left, top-right, bottom-left, bottom-right).
+
+    ``method: rows`` (the Keras example): the top and bottom rows are interpolated cell by cell, then
+    slerped into each other as two whole rows, with one angle per row pair. ``cells``: every cell is
+    slerped from its own top and bottom cells, each with its own angle.
+    """
 
     prompts: Annotated[list[str], BeforeValidator(_four_corners)]
     rows: int = Field(default=8, ge=1, le=1000)
     cols: int = Field(default=8, ge=1, le=1000)
+    method: Literal["rows", "cells"] = "rows"
 
 
 class Output(_Strict):
@@ -179,8 +199,8 @@ class Output(_Strict):
     kind: Literal["mp4", "gif", "frames", "grid"] | None = None
     fps: float | None = Field(default=None, gt=0, le=240)
     rubber_band: bool = False
-    loop: int = Field(default=0, ge=0)
-    cols: int | None = Field(default=None, ge=1)
+    loop: int = Field(default=0, ge=0, le=65535)  # a GIF stores its loop count in 16 bits
+    cols: int | None = Field(default=None, ge=1, le=1000)
 
 
 class LearnedEmbedding(_Strict):
@@ -195,7 +215,7 @@ class Lora(_Strict):
 
     path: str
     name: str | None = None
-    scale: float = 1.0
+    scale: LoraScale = 1.0
 
 
 class Scene(_Strict):
@@ -226,9 +246,9 @@ class Scene(_Strict):
     depth_map: str | None = None
     strength: float = Field(default=0.75, ge=0, le=1)
     zoom: float = Field(default=1.0, gt=0, le=100)
-    angle: float = 0.0
-    translate_x: float = 0.0
-    translate_y: float = 0.0
+    angle: Motion = 0.0
+    translate_x: Motion = 0.0
+    translate_y: Motion = 0.0
     embeddings: list[LearnedEmbedding] = Field(default_factory=list)
     loras: list[Lora] = Field(default_factory=list)
     keyframes: list[Keyframe] = Field(default_factory=list)
@@ -304,13 +324,24 @@ def output_kind(out: Output) -> str | None:
         return None
 
 
+def seconds_to_frames(seconds: Decimal, fps: float) -> int:
+    """Seconds at ``fps`` as a frame count: rounded to the nearest frame, halves up (0.25s at 10 fps is 3).
+
+    Computed in decimal from the digits as written, so that ``1.15s`` at 10 fps is exactly 11.5
+    frames (rounded up to 12) rather than the binary 11.4999... that ``float`` would make of it, and
+    so that no number of seconds, however long, overflows.
+    """
+    frames = (seconds * Decimal(repr(float(fps)))).to_integral_value(rounding=ROUND_HALF_UP)
+    return int(frames)
+
+
 def parse_frame_ref(ref: int | str, fps: float) -> int:
     """A keyframe's frame (already checked by ``_frame_ref``): an int, or seconds like '2.5s' at ``fps``."""
     if isinstance(ref, int):
         return ref
     m = _SECONDS.match(ref.strip())
     assert m is not None
-    return round(float(m.group(1)) * fps)
+    return seconds_to_frames(Decimal(m.group(1)), fps)
 
 
 def embedded_models() -> list[str]:
@@ -328,12 +359,7 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
     """Read, parse and validate a scene file. Raises :class:`SceneError` with every problem."""
     path = Path(path)
     shown = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SceneError([Problem(shown, 1, 1, f"scene file not found: {path}")]) from None
-    except OSError as exc:
-        raise SceneError([Problem(shown, 1, 1, f"cannot read the scene file: {exc.strerror}")]) from None
+    raw = _read_scene_bytes(path, shown)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -350,6 +376,63 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
             ]
         ) from None
     return parse_scene(text, shown, base_path=path, allow_outside_inputs=allow_outside_inputs)
+
+
+# A scene keyed at each of 100,000 frames, in block style with a long prompt, a negative prompt and
+# eight values per keyframe, is 33 MiB; twice that is allowed. Anything larger is not a scene.
+MAX_SCENE_BYTES = 64 * 2**20
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file that is not a regular file is (a folder, a pipe, a device...), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def _read_scene_bytes(path: Path, shown: str) -> bytes:
+    """The bytes of a scene file, read only if it is a regular file of at most MAX_SCENE_BYTES.
+
+    ``/dev/zero`` would be read until memory runs out and a named pipe would block for ever, so the
+    file's kind is checked before it is opened, and again on the open descriptor (it may have been
+    swapped in between); O_NONBLOCK keeps even that open from waiting on a pipe.
+    """
+
+    def fail(message: str) -> SceneError:
+        return SceneError([Problem(shown, 1, 1, message)])
+
+    limit = f"a scene file is a YAML text file of at most {MAX_SCENE_BYTES // 2**20} MiB"
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is not None:
+            raise fail(f"the scene file {path} is {kind}, not a regular file; {limit}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise fail(f"scene file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot read the scene file: {getattr(exc, 'strerror', None) or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        kind = _not_regular(info.st_mode)
+        if kind is not None:
+            raise fail(f"the scene file {path} is {kind}, not a regular file; {limit}")
+        if info.st_size > MAX_SCENE_BYTES:
+            raise fail(f"the scene file is {info.st_size / 2**20:.1f} MiB; {limit}")
+        try:
+            raw = f.read(MAX_SCENE_BYTES + 1)
+        except OSError as exc:
+            raise fail(f"cannot read the scene file: {exc.strerror}") from None
+    if len(raw) > MAX_SCENE_BYTES:  # it grew while being read
+        raise fail(f"the scene file is over {MAX_SCENE_BYTES // 2**20} MiB; {limit}")
+    return raw
 
 
 def parse_scene(
@@ -473,13 +556,18 @@ _TYPE_WORDS = {
 }
 
 
+def _shorten(text: str, limit: int = 60) -> str:
+    """``text``, or its start and its length when it is long (a 5,000-digit "number" is one line, not a page)."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, (int, float)):
-        return f"the number {value}"
+        return f"the number {_shorten(str(value))}"
     if isinstance(value, str):
-        return f"the text '{value}'"
+        return f"the text '{_shorten(value)}'"
     if value is None:
         return "nothing (null)"
     if isinstance(value, list):
@@ -668,24 +756,34 @@ def _check_rules(
 
     declared_total: int | None = scene.frames
     if scene.duration is not None:
-        seconds = _parse_duration(scene.duration) or 0.0  # its form was checked with the types
+        seconds = _parse_duration(scene.duration) or Decimal(0)  # its form was checked with the types
         if scene.frames is not None:
             add(doc.problem(("duration",), "give either 'frames' or 'duration', not both"))
         else:
-            declared_total = max(1, round(seconds * fps))
+            declared_total = max(1, seconds_to_frames(seconds, fps))
+            if declared_total > MAX_FRAMES:
+                add(
+                    doc.problem(
+                        ("duration",),
+                        f"duration: {_shorten(str(scene.duration), 30)} at {fps:g} fps is "
+                        f"{_shorten(str(declared_total), 30)} frames; at most {MAX_FRAMES} are allowed",
+                    )
+                )
+                declared_total = None
 
     frames: list[int] = []
     previous: tuple[int, int] | None = None  # (frame, keyframe index)
     for i, kf in enumerate(scene.keyframes):
         at = ("keyframes", i, "frame")
         n = parse_frame_ref(kf.frame, fps)  # its form was checked with the types
+        shown_n = _shorten(str(n), 30)
         if n < 0:
-            add(doc.problem(at, f"keyframe {i + 1}: frame {n} is negative; frames count from 0"))
+            add(doc.problem(at, f"keyframe {i + 1}: frame {shown_n} is negative; frames count from 0"))
         elif declared_total is not None and n >= declared_total:
             add(
                 doc.problem(
                     at,
-                    f"keyframe {i + 1}: frame {n} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})",
+                    f"keyframe {i + 1}: frame {shown_n} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})",
                 )
             )
         elif previous is not None and n == previous[0]:
@@ -693,14 +791,14 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"keyframe {i + 1}: frame {n} repeats the keyframe at line {line}; each frame may have one keyframe",
+                    f"keyframe {i + 1}: frame {shown_n} repeats the keyframe at line {line}; each frame may have one keyframe",
                 )
             )
         elif previous is not None and n < previous[0]:
             add(
                 doc.problem(
                     at,
-                    f"keyframe {i + 1}: frame {n} comes after frame {previous[0]}; keyframes must be in increasing frame order",
+                    f"keyframe {i + 1}: frame {shown_n} comes after frame {previous[0]}; keyframes must be in increasing frame order",
                 )
             )
         frames.append(n)
@@ -709,6 +807,17 @@ def _check_rules(
 
     if scene.keyframes and not any(kf.prompt for kf in scene.keyframes) and not gone("prompt"):
         add(doc.problem(("keyframes",), "no keyframe sets a 'prompt'; at least one must", key=True))
+    for i, kf in enumerate(scene.keyframes):
+        # Each weight is over 0, so only their sum can go wrong: 1e308 + 1e308 is inf, and every
+        # weight divided by it is 0 (a frame conditioned on nothing).
+        if kf.prompt and not math.isfinite(sum(part.weight for part in kf.prompt)):
+            add(
+                doc.problem(
+                    ("keyframes", i, "prompt"),
+                    f"keyframe {i + 1}: the prompt weights add up to more than the largest number; "
+                    "only their ratios count, so write them like 1 and 3",
+                )
+            )
 
     if scene.walk is not None:
         total = scene.walk.frames
@@ -721,7 +830,16 @@ def _check_rules(
             else (max(frames) + 1 if frames and max(frames) >= 0 else 1)
         )
     if total > MAX_FRAMES:
-        add(doc.problem(("frames",), f"the scene has {total} frames; at most {MAX_FRAMES} are allowed"))
+        # Point at what made the scene that long: 'frames', or the keyframe furthest out.
+        at_total: tuple[Any, ...] = ("frames",)
+        if scene.walk is None and scene.grid is None and declared_total is None and frames:
+            at_total = ("keyframes", frames.index(max(frames)), "frame")
+        add(
+            doc.problem(
+                at_total,
+                f"the scene has {_shorten(str(total), 30)} frames; at most {MAX_FRAMES} are allowed",
+            )
+        )
 
     # 4. Noise.
     noise = scene.noise
@@ -809,12 +927,13 @@ def _check_rules(
     return problems
 
 
-def _parse_duration(value: str | float) -> float | None:
+def _parse_duration(value: str | float) -> Decimal | None:
+    """A duration in seconds (a number, or text like '10s'), exactly as written; None if it is not one."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) if value > 0 and math.isfinite(value) else None
+        return Decimal(repr(value)) if value > 0 and math.isfinite(value) else None
     m = _SECONDS.match(str(value).strip())
-    if m and float(m.group(1)) > 0:
-        return float(m.group(1))
+    if m and Decimal(m.group(1)) > 0:
+        return Decimal(m.group(1))
     return None
 
 
@@ -853,17 +972,46 @@ def _is_flat(path: Path) -> bool:
     return bool(low == high)
 
 
+def _path_kind(path: Path) -> str:
+    """'file', 'folder', 'missing', what else is there (a named pipe...), or why it cannot be looked at.
+
+    ``Path.is_file`` raises for a name too long for the file system; a scene check must not.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except (OSError, ValueError) as exc:
+        return f"unusable: {getattr(exc, 'strerror', None) or exc}"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return _not_regular(mode) or "file"
+
+
+def _resolve(scene: Scene, relative: str) -> Path | str:
+    """``scene.resolve(relative)``, or why the path cannot be resolved (too long, a symlink loop)."""
+    try:
+        return scene.resolve(relative)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"'{_shorten(relative)}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
+
+
 def _check_model(scene: Scene) -> str | None:
     name = scene.model
     if name in embedded_models():
         return None
-    local = scene.resolve(name)
-    looks_local = name.startswith((".", "/", "~")) or local.exists()
+    local = _resolve(scene, name)
+    if isinstance(local, str):
+        return f"model: {local}"
+    kind = _path_kind(local)
+    if kind.startswith("unusable: "):
+        return f"model: '{_shorten(name)}' is not a usable path ({kind.removeprefix('unusable: ')})"
+    looks_local = name.startswith((".", "/", "~")) or kind != "missing"
     if not looks_local and name.startswith("tiny"):
         return f"model: '{name}' is not an embedded model; embedded: {', '.join(embedded_models()) or 'none'}"
     if looks_local:
-        if not (local / "model_index.json").is_file():
-            return f"model: folder '{name}' is not a diffusers model folder (no model_index.json in {local})"
+        if _path_kind(local / "model_index.json") != "file":
+            return f"model: folder '{_shorten(name)}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))})"
         return None
     if _HF_ID.match(name):
         return None
@@ -893,20 +1041,30 @@ def _check_modes_and_files(
     sizes: dict[str, tuple[int, int]] = {}
     files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
     for at, rel in files:
-        full = scene.resolve(rel)
-        if not allow_outside_inputs and not full.is_relative_to(base):
+        full = _resolve(scene, rel)
+        kind = "" if isinstance(full, str) else _path_kind(full)
+        if isinstance(full, str):
+            problems.append(doc.problem(at, full))
+        elif not allow_outside_inputs and not full.is_relative_to(base):
             problems.append(
                 doc.problem(
                     at,
                     f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
                 )
             )
-        elif not full.is_file():
+        elif kind.startswith("unusable: "):
+            problems.append(
+                doc.problem(at, f"'{_shorten(rel)}' is not a usable path ({kind.removeprefix('unusable: ')})")
+            )
+        elif kind == "missing":
             problems.append(
                 doc.problem(
                     at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"
                 )
             )
+        elif kind != "file":
+            what = "a folder" if kind == "folder" else kind
+            problems.append(doc.problem(at, f"'{rel}' is {what}, not a regular file (at {full})"))
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):

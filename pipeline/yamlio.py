@@ -107,7 +107,9 @@ def resolve_plain(text: str) -> Any:
     if _BOOL_FALSE.match(text):
         return False
     if _INT.match(text):
-        return int(text)
+        # int() refuses more than 4300 digits (sys.get_int_max_str_digits); such a "number" stays
+        # text, so that it is reported as a bad value rather than raised as a ValueError.
+        return int(text) if len(text) <= 4300 else text
     if _INT_OCT.match(text):
         return int(text[2:], 8)
     if _INT_HEX.match(text):
@@ -305,6 +307,32 @@ def _line_col(text: str, position: int) -> tuple[int, int]:
     return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
 
 
+# A double-quoted escape can make text that is not text: "\\ud800" is half of a UTF-16 pair (no file
+# system, encoder or terminal takes it) and "\\0" ends a C string (no path may hold it).
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_text(text: str, line: int, col: int, problems: list[tuple[int, int, str]]) -> str:
+    """``text`` itself, or (with a problem recorded) a printable stand-in if it holds a NUL or a lone surrogate."""
+    found = _NOT_TEXT.search(text)
+    if found is None:
+        return text
+    char = found.group()
+    if char == "\x00":
+        what = "a NUL character (written '\\0' or '\\x00')"
+    else:
+        what = f"a lone surrogate ('\\u{ord(char):04x}', half of a UTF-16 pair, not a character)"
+    problems.append(
+        (
+            line,
+            col,
+            f"this text holds {what}; text must be Unicode characters other than NUL: "
+            "remove it, or write the character you meant itself",
+        )
+    )
+    return _NOT_TEXT.sub("\ufffd", text)
+
+
 def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int, str]]) -> Any:
     """Turn a composed node into plain data, recording positions and collecting problems."""
     line, col = node.start_mark.line + 1, node.start_mark.column + 1
@@ -316,7 +344,7 @@ def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int,
             if not isinstance(key_node, ScalarNode):
                 problems.append((kline, kcol, "a mapping key must be a plain word, not a list or mapping"))
                 continue
-            key = key_node.value
+            key = _check_text(key_node.value, kline, kcol, problems)
             if key == "<<" and key_node.style is None:
                 problems.append((kline, kcol, "YAML merge keys ('<<') are not allowed; write the keys out"))
                 continue
@@ -337,5 +365,5 @@ def _build(node: Node, path: Path_, doc: YamlDoc, problems: list[tuple[int, int,
         return [_build(item, (*path, i), doc, problems) for i, item in enumerate(node.value)]
     assert isinstance(node, ScalarNode)
     if node.style is not None:
-        return node.value  # quoted or block text: always a string
+        return _check_text(node.value, line, col, problems)  # quoted or block text: always a string
     return resolve_plain(node.value)

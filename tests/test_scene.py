@@ -185,6 +185,32 @@ def test_frames_or_duration_give_total_frames(tmp_path: Path, length: str, total
     assert scene.keyframe_frames == [0, 12]
 
 
+@pytest.mark.parametrize(
+    ("ref", "fps", "frame"),
+    [
+        # Halves round up, always: Python's round() would give 2 for 2.5 frames but 4 for 3.5.
+        ("0.25s", 10, 3),
+        ("0.35s", 10, 4),
+        ("0.05s", 10, 1),
+        ("0.15s", 10, 2),
+        # Computed from the digits as written: 1.15 * 10 in binary floating point is 11.4999...
+        ("1.15s", 10, 12),
+        ("0.1s", 29.97, 3),  # 2.997
+        ("0.24s", 10, 2),
+    ],
+)
+def test_seconds_on_half_frames_round_half_up(ref: str, fps: float, frame: int) -> None:
+    assert parse_frame_ref(ref, fps) == frame
+
+
+@pytest.mark.parametrize(
+    ("length", "total"), [("duration: 0.25s", 3), ("duration: 0.35", 4), ("duration: 1.15", 12)]
+)
+def test_duration_on_a_half_frame_rounds_up(tmp_path: Path, length: str, total: int) -> None:
+    scene = scene_from(tmp_path, f"fps: 10\n{length}\nkeyframes:\n  - frame: 0\n    prompt: a\n")
+    assert scene.total_frames == total
+
+
 def test_duration_uses_fps(tmp_path: Path) -> None:
     scene = scene_from(tmp_path, f"fps: 4\nduration: 16s\n{TWO_KEYFRAMES}")
     assert scene.total_frames == 64

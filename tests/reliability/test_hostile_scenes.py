@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.scene import load_scene
+from pipeline.scene import MAX_SCENE_BYTES, load_scene
 from pipeline.yamlio import SceneError
 from tests.reliability._helpers_inputs import ROOT, cli_probe
 
@@ -220,12 +223,12 @@ def _truncated_png(folder: Path) -> tuple[str, str]:
 
 def _directory(folder: Path) -> tuple[str, str]:
     (folder / "inputs" / "dir.png").mkdir()
-    return "inputs/dir.png", "file not found"
+    return "inputs/dir.png", "is a folder, not a regular file"
 
 
 def _fifo(folder: Path) -> tuple[str, str]:
     os.mkfifo(folder / "inputs" / "pipe.png")  # opening it would block forever
-    return "inputs/pipe.png", "file not found"
+    return "inputs/pipe.png", "is a named pipe, not a regular file"
 
 
 def _empty(folder: Path) -> tuple[str, str]:
@@ -345,3 +348,135 @@ def test_corpus_and_these_cases_are_big_enough() -> None:
     corpus = list((ROOT / "tests" / "corpus").glob("*.yaml"))
     assert len(corpus) >= 40
     assert len(corpus) + len(BAD_IMAGES) + len(OUTSIDE) + len(OVER_INPUTS) >= 40
+
+
+# -- scene paths that are not scene files ------------------------------------------------------------
+
+
+def _run_limited(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python render.py ARGS`` with its address space capped at 8 GiB: a read that never ends fails, not the machine."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    return subprocess.run(
+        [sys.executable, "render.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,  # a scene path that blocks (a named pipe) fails the test instead of hanging it
+        preexec_fn=cap,
+    )
+
+
+def _dev_zero(tmp_path: Path) -> tuple[str, str]:
+    return "/dev/zero", "is a character device, not a regular file"
+
+
+def _named_pipe(tmp_path: Path) -> tuple[str, str]:
+    os.mkfifo(tmp_path / "scene.yaml")  # nobody ever writes to it: opening it to read would block
+    return str(tmp_path / "scene.yaml"), "is a named pipe, not a regular file"
+
+
+def _folder(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "scene.yaml").mkdir()
+    return str(tmp_path / "scene.yaml"), "is a folder, not a regular file"
+
+
+def _over_the_limit(tmp_path: Path) -> tuple[str, str]:
+    with open(tmp_path / "scene.yaml", "wb") as f:  # sparse: 64 MiB + 1 byte of NULs, no disk used
+        f.truncate(MAX_SCENE_BYTES + 1)
+    return str(
+        tmp_path / "scene.yaml"
+    ), "the scene file is 64.0 MiB; a scene file is a YAML text file of at most 64 MiB"
+
+
+NOT_SCENE_FILES: dict[str, Callable[[Path], tuple[str, str]]] = {
+    "dev_zero": _dev_zero,
+    "named_pipe": _named_pipe,
+    "folder": _folder,
+    "over_64_mib": _over_the_limit,
+}
+
+
+@pytest.mark.parametrize("plan", [True, False], ids=["plan", "render"])
+@pytest.mark.parametrize("name", list(NOT_SCENE_FILES))
+def test_scene_path_that_is_not_a_scene_file_is_refused_at_once(
+    name: str, plan: bool, tmp_path: Path
+) -> None:
+    scene, expect = NOT_SCENE_FILES[name](tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    cache = tmp_path / "cache"
+    result = _run_limited(scene, "--cache-dir", str(cache), *(["--plan"] if plan else []))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{scene}:1:1: "), lines
+    assert expect in lines[0], lines
+    assert sorted(tmp_path.rglob("*")) == before  # no cache, no render folder
+
+
+def test_a_scene_of_100000_keyframes_is_under_the_size_limit() -> None:
+    """The limit is not too tight: a scene keyed at each of 100,000 frames, with eight values a keyframe."""
+    prompt = "a detailed matte painting of a castle on a hill at sunset, volumetric light"
+    keyframe = (
+        '  - frame: {n}\n    prompt: "' + prompt + ' {n}"\n    negative_prompt: "blurry, low quality"\n'
+        "    seed: {n}\n    guidance: 7.25\n    strength: 0.65\n    zoom: 1.0125\n    angle: -0.375\n"
+        "    translate_x: 1.5\n    translate_y: -0.75\n    curve: ease_in_out_sine\n"
+    )
+    size = sum(len(keyframe.format(n=n)) for n in range(100_000))
+    assert 25 * 2**20 < size < MAX_SCENE_BYTES / 2, size
+
+
+# -- text that is not text, numbers that overflow: located problems, never a traceback -------------
+
+CORPUS = ROOT / "tests" / "corpus"
+# Each of these crashed the CLI with a traceback (UnicodeEncodeError, "embedded null byte",
+# OverflowError, "a cache key cannot hold the non-finite number inf") before it was a scene problem.
+NOT_TEXT_OR_NOT_FINITE = [
+    "77_lone_surrogate_in_text.yaml",
+    "78_nul_in_paths.yaml",
+    "79_bezier_overflow.yaml",
+    "80_walk_step_overflow.yaml",
+    "81_prompt_weights_overflow.yaml",
+    "82_motion_overflow.yaml",
+    "83_lora_scale_overflow.yaml",
+    "84_duration_overflow.yaml",
+    "85_seconds_overflow.yaml",
+    "86_output_loop_and_cols_too_big.yaml",
+]
+
+
+@pytest.mark.parametrize("name", NOT_TEXT_OR_NOT_FINITE)
+def test_text_that_is_not_text_and_numbers_that_overflow_are_located(name: str, tmp_path: Path) -> None:
+    from tests.test_scene_errors import make_inputs
+
+    folder = tmp_path / "scene"
+    folder.mkdir()
+    make_inputs(folder)
+    scene = folder / name
+    scene.write_bytes((CORPUS / name).read_bytes())
+    expected = [line for line in scene.read_text().splitlines() if line.startswith("# expect: ")]
+    lines = check_rejected(scene, tmp_path, "")
+    assert len(lines) == len(expected), lines
+    for want, line in zip(expected, lines, strict=True):
+        where, text = want.removeprefix("# expect: ").split(": ", 1)
+        assert line.startswith(f"{scene}:{where}: ") and text in line, (want, line)
+
+
+def test_a_5000_digit_number_is_a_located_problem(tmp_path: Path) -> None:
+    # int() refuses more than 4300 digits with a ValueError; it is a bad frame, said in one short line.
+    scene = write_scene(tmp_path / "scene", extra=f"seed: {'9' * 5000}\n")
+    (line,) = check_rejected(scene, tmp_path, "seed: expected a whole number, got the text '99999")
+    assert line.startswith(f"{scene}:6:7: ") and "(5000 characters)" in line and len(line) < 400
+
+
+@pytest.mark.parametrize("field", ["model", "init_image", "mask"])
+def test_a_path_too_long_for_the_file_system_is_a_located_problem(field: str, tmp_path: Path) -> None:
+    extra = {"model": "", "init_image": "", "mask": f"mask: {'m' * 5000}.png\n"}[field]
+    model = "x" * 5000 if field == "model" else "tiny-inpaint"
+    init = "i" * 5000 + ".png" if field == "init_image" else "inputs/init.png"
+    scene = write_scene(tmp_path / "scene", model=model, init=init, mode="inpaint", extra=extra)
+    lines = check_rejected(scene, tmp_path, "is not a usable path (File name too long)")
+    assert all(len(line) < 400 for line in lines), lines

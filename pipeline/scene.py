@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 import re
@@ -937,6 +938,80 @@ def _parse_duration(value: str | float) -> Decimal | None:
     return None
 
 
+# The byte size of each safetensors dtype (as the safetensors crate names them). A dtype not listed
+# (a newer one) is not size-checked, so a file that safetensors accepts is never refused here.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors crate's own limit
+
+
+def weights_file_problem(path: Path) -> str | None:
+    """What makes ``path`` (a regular file) unloadable as LoRA or textual-inversion weights, or None.
+
+    Reads the header only, without torch: a ``.safetensors`` file must have the layout the
+    safetensors loader checks (an 8-byte little-endian header length, a JSON header of tensors whose
+    byte ranges fit their dtype and shape and fill the rest of the file exactly); any other file is
+    loaded with ``torch.load`` by diffusers, so it must start like one (a zip archive, as
+    ``torch.save`` writes, or a pickle).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if path.suffix.lower() != ".safetensors":
+                if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+                    return None
+                return "not a weights file (neither safetensors nor a PyTorch file)"
+            if len(head) < 8:
+                return "not a safetensors file (too short for its 8-byte header length)"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                return "not a safetensors file (its header length points beyond the end of the file)"
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    except ValueError:  # also UnicodeDecodeError and json.JSONDecodeError
+        return "not a safetensors file (its header is not JSON)"
+    return _safetensors_header_problem(header, size - 8 - length)
+
+
+def _safetensors_header_problem(header: Any, data_bytes: int) -> str | None:
+    """What is wrong with a parsed safetensors header, given the bytes that follow it; None if nothing."""
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    ranges: list[tuple[int, int]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shown = _shorten(str(name), 40)
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            return f"not a safetensors file (tensor '{shown}' lacks dtype, shape or data_offsets)"
+        ints = [*shape, begin, end] if isinstance(shape, list) else None
+        if ints is None or not all(type(i) is int and i >= 0 for i in ints) or begin > end:
+            return f"not a safetensors file (tensor '{shown}' has a bad shape or byte range)"
+        width = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else 0
+        if width == 0:
+            return f"not a safetensors file (tensor '{shown}' has no dtype name)"
+        if width is not None and math.prod(shape) * width != end - begin:
+            return f"not a safetensors file (tensor '{shown}' is {end - begin} bytes, its shape needs {math.prod(shape) * width})"
+        ranges.append((begin, end))
+    if not ranges:
+        return "it holds no tensors"
+    at = 0
+    for begin, end in sorted(ranges):
+        if begin != at:
+            return "not a safetensors file (its tensors overlap or leave gaps)"
+        at = end
+    if at != data_bytes:
+        return f"not a safetensors file (its tensors need {at} bytes after the header, the file has {data_bytes}: truncated?)"
+    return None
+
+
 MAX_INPUT_SIDE = 8192
 
 
@@ -1065,6 +1140,16 @@ def _check_modes_and_files(
         elif kind != "file":
             what = "a folder" if kind == "folder" else kind
             problems.append(doc.problem(at, f"'{rel}' is {what}, not a regular file (at {full})"))
+        elif at[0] in ("embeddings", "loras"):
+            why = weights_file_problem(full)
+            if why is not None:
+                what = "learned embeddings" if at[0] == "embeddings" else "LoRA weights"
+                problems.append(
+                    doc.problem(
+                        at,
+                        f"'{rel}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
+                    )
+                )
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):

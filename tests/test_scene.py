@@ -6,6 +6,7 @@ The invalid side (every rule, with line and column) is in ``test_scene_errors.py
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -496,8 +497,10 @@ def test_top_level_mode_with_init_image_from_the_first_keyframe(tmp_path: Path) 
 
 def test_learned_embeddings_and_loras(tmp_path: Path) -> None:
     (tmp_path / "inputs").mkdir()
-    (tmp_path / "inputs" / "tom.bin").write_bytes(b"x")
-    (tmp_path / "inputs" / "watercolor.safetensors").write_bytes(b"x")
+    (tmp_path / "inputs" / "tom.bin").write_bytes(b"PK\x03\x04 a torch.save zip archive starts like this")
+    shutil.copyfile(
+        ROOT / "scenes" / "inputs" / "style_tiny.safetensors", tmp_path / "inputs" / "watercolor.safetensors"
+    )
     scene = scene_from(
         tmp_path,
         """

@@ -88,14 +88,19 @@ def _param(case: Case) -> object:
 
 
 def make_inputs(folder: Path) -> None:
-    """The files that corpus scenes refer to and that must exist: tiny PNGs, a LoRA stand-in, a non-model folder."""
+    """The files that corpus scenes refer to: tiny PNGs, a LoRA, files that are not weights, a non-model folder."""
     from PIL import Image
 
     inputs = folder / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     for name, color in (("init", (200, 120, 40)), ("mask", (255, 255, 255)), ("depth", (90, 90, 90))):
         Image.new("RGB", (16, 16), color).save(inputs / f"{name}.png")
-    (inputs / "style.safetensors").write_bytes(b"not really weights; only its existence is checked")
+    shutil.copyfile(ROOT / "scenes" / "inputs" / "style_tiny.safetensors", inputs / "style.safetensors")
+    # Files named as weights that are not: a text file, a header cut short, a .bin that is text.
+    (inputs / "notes.safetensors").write_text("these are not weights\n")
+    weights = (ROOT / "scenes" / "inputs" / "tom_tiny.safetensors").read_bytes()
+    (inputs / "cut.safetensors").write_bytes(weights[: len(weights) - 16])
+    (inputs / "notes.bin").write_text("these are not weights either\n")
     (inputs / "not_a_model").mkdir(exist_ok=True)
     (inputs / "not_a_model" / "config.json").write_text("{}\n")
 

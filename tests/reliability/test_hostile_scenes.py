@@ -480,3 +480,43 @@ def test_a_path_too_long_for_the_file_system_is_a_located_problem(field: str, tm
     scene = write_scene(tmp_path / "scene", model=model, init=init, mode="inpaint", extra=extra)
     lines = check_rejected(scene, tmp_path, "is not a usable path (File name too long)")
     assert all(len(line) < 400 for line in lines), lines
+
+
+# -- learned weights that are not weights ------------------------------------------------------------
+
+
+def _text(path: Path) -> None:
+    path.write_text("these are not weights\n")
+
+
+def _truncated(path: Path) -> None:
+    weights = (ROOT / "scenes" / "inputs" / "style_tiny.safetensors").read_bytes()
+    path.write_bytes(weights[: len(weights) // 2])
+
+
+def _empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+NOT_WEIGHTS: dict[str, tuple[str, Callable[[Path], None], str]] = {
+    "text_safetensors": ("w.safetensors", _text, "its header length points beyond the end of the file"),
+    "truncated_safetensors": ("w.safetensors", _truncated, "truncated?"),
+    "empty_safetensors": ("w.safetensors", _empty_file, "too short for its 8-byte header length"),
+    "text_bin": ("w.bin", _text, "not a weights file (neither safetensors nor a PyTorch file)"),
+}
+
+
+@pytest.mark.parametrize("field", ["embeddings", "loras"])
+@pytest.mark.parametrize("name", list(NOT_WEIGHTS))
+def test_learned_weights_that_are_not_weights_are_refused_before_any_model_loads(
+    name: str, field: str, tmp_path: Path
+) -> None:
+    # Before, diffusers found out after the model had loaded: exit 1 with a loader's traceback text.
+    filename, make, expect = NOT_WEIGHTS[name]
+    folder = tmp_path / "scene"
+    (folder / "inputs").mkdir(parents=True)
+    make(folder / "inputs" / filename)
+    entry = "{path: inputs/" + filename + (", token: '<tom>'}" if field == "embeddings" else ", name: w}")
+    scene = write_scene(folder, mode="txt2img", extra=f"{field}:\n  - {entry}\n")
+    (line,) = check_rejected(scene, tmp_path, expect)
+    assert line.startswith(f"{scene}:7:12: 'inputs/{filename}': "), line

@@ -11,11 +11,13 @@ Keeping this apart means ``plan`` can be tested and benchmarked with a hand-made
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import hashlib
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.models import (
+    InputChanged,
     ModelRef,
     choose_dtype,
     detect_device,
@@ -77,4 +79,28 @@ def resolve_env(
         libraries=library_versions(),
         files=files,
         model_kind=ref.kind,
+    )
+
+
+def read_input(scene: Scene, files: Mapping[str, str], digest: str) -> bytes:
+    """The bytes of the input file whose planned content hash is ``digest``, checked against it.
+
+    Frames are keyed by the hash taken when planning; the renderer decodes and loads inputs from the
+    bytes this returns, never from a second read of the file, so a frame is only ever stored under a
+    key computed from the exact bytes that made it. Raises :class:`InputChanged` if the file now holds
+    other content (several names may share one content: any one that still holds it will do).
+    """
+    names = [rel for rel, h in files.items() if h == digest]
+    if not names:
+        raise KeyError(f"no input file of this plan has content {digest[:12]}")
+    for rel in names:
+        try:
+            data = scene.resolve(rel).read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == digest:
+            return data
+    raise InputChanged(
+        f"input '{names[0]}' changed during the run, after its frames were planned; nothing was rendered "
+        "from the new content. Run again: the frames are planned from the file as it is then"
     )

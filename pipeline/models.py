@@ -14,11 +14,13 @@ checkpoint is reused by another with the same text encoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import warnings
@@ -48,6 +50,17 @@ class ModelError(Exception):
     """A model cannot be found or read; the message says what to do."""
 
 
+class InputChanged(OSError):
+    """An input file (image, learned embedding, LoRA, model file) changed after the run was planned.
+
+    The frames' keys were computed from the content hashed when planning; rendering from other bytes
+    would store frames under keys that do not describe them, and every later run would reuse them.
+    So the run stops before it stores such a frame. It is an OSError: like a full disk, it is a fault
+    of the files during the run, not of the scene (exit 1), and running again plans from the new
+    content and resumes.
+    """
+
+
 @dataclass
 class ModelRef:
     """A resolved model: where its files are and what identifies them."""
@@ -58,6 +71,10 @@ class ModelRef:
     index: dict[str, Any]  # model_index.json
     fingerprint: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
+    # Local files only: path in the folder -> stat stamp taken BEFORE the file was hashed. If every
+    # stamp is the same once the model is loaded, no file was written or replaced in between (any
+    # write or rename moves ctime, which cannot be set back), so the loaded weights are the hashed ones.
+    stamps: dict[str, str] = field(default_factory=dict)
 
     @property
     def pipeline_class(self) -> str:
@@ -126,17 +143,25 @@ def resolve_model(
             )
         else:
             return _resolve_hub(spec, revision)
+    # model_index.json is read once: the classes it names and the hash in the fingerprint come from the
+    # same bytes, and its stamp is taken before them (see ModelRef.stamps).
+    index_path = folder / "model_index.json"
+    stamps = {index_path.name: file_stamp(index_path)}
+    raw = index_path.read_bytes()
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads(raw)
     except ValueError as exc:
         raise ModelError(
-            f"model '{spec}': {folder / 'model_index.json'} is not valid JSON ({exc}); re-download the model"
+            f"model '{spec}': {index_path} is not valid JSON ({exc}); re-download the model"
         ) from None
     _check_folder(spec, folder, index)
-    return ModelRef(spec, kind, folder, index, _folder_fingerprint(folder, index, memo), revision)
+    fingerprint = {"model_index": hashlib.sha256(raw).hexdigest()}
+    fingerprint.update(_folder_fingerprint(folder, index, memo, stamps))
+    return ModelRef(spec, kind, folder, index, fingerprint, revision, stamps)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def _check_folder(spec: str, folder: Path, index: dict[str, Any]) -> None:
@@ -186,21 +211,60 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
     return ModelRef(repo_id, "hub", folder, index, fp, revision)
 
 
-def _folder_fingerprint(
-    folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None
-) -> dict[str, str]:
-    """Per component, the sha256 over its files' names and content hashes."""
-    # model_index.json picks the classes (a scheduler swapped there changes pixels): it is part of the model.
-    out: dict[str, str] = {"model_index": memo_digest(folder / "model_index.json", memo)}
+def _component_files(folder: Path, index: dict[str, Any]) -> dict[str, list[Path]]:
+    """The files of each component named in model_index.json (what loading the model reads)."""
+    out = {}
     for name, value in sorted(index.items()):
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
         comp = folder / name
+        out[name] = sorted(p for p in comp.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return out
+
+
+def _folder_fingerprint(
+    folder: Path, index: dict[str, Any], memo: MutableMapping[str, Any] | None, stamps: dict[str, str]
+) -> dict[str, str]:
+    """Per component, the sha256 over its files' names and content hashes; fills ``stamps``."""
+    out: dict[str, str] = {}
+    for name, files in _component_files(folder, index).items():
         h = hashlib.sha256()
-        for f in sorted(p for p in comp.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f.relative_to(comp).as_posix().encode() + b"\0" + memo_digest(f, memo).encode() + b"\n")
+        for f in files:
+            digest, stamps[f.relative_to(folder).as_posix()] = _digest_and_stamp(f, memo)
+            h.update(f.relative_to(folder / name).as_posix().encode() + b"\0" + digest.encode() + b"\n")
         out[name] = h.hexdigest()
     return out
+
+
+def check_unchanged(ref: ModelRef) -> None:
+    """Raise :class:`InputChanged` if a file of a local model changed since ``ref`` was resolved.
+
+    Called once the weights are in memory (later changes cannot reach them): the frames are keyed by
+    the fingerprint taken when planning, so the loaded files must be the ones hashed then.
+    """
+    if ref.kind == "hub" or ref.folder is None or not ref.stamps:
+        return  # a hub model is loaded by its commit, whose files the hub never changes
+    folder = ref.folder
+    now: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        now["model_index.json"] = file_stamp(folder / "model_index.json")
+    for files in _component_files(folder, ref.index).values():
+        for f in files:
+            with contextlib.suppress(OSError):  # gone since: reported below as changed
+                now[f.relative_to(folder).as_posix()] = file_stamp(f)
+    changed = sorted(k for k in ref.stamps.keys() | now.keys() if ref.stamps.get(k) != now.get(k))
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise InputChanged(
+            f"model '{ref.spec}': {folder / changed[0]}{more} changed during the run, after its frames were "
+            "planned; nothing was rendered from it. Run again: the frames are planned from the files as they are then"
+        )
+
+
+def file_stamp(path: Path) -> str:
+    """What changes whenever a file is written or replaced: resolved path, size, mtime, ctime, inode."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def memo_digest(path: Path, memo: MutableMapping[str, Any] | None) -> str:
@@ -209,14 +273,18 @@ def memo_digest(path: Path, memo: MutableMapping[str, Any] | None) -> str:
     Checkpoint weights are gigabytes: re-hashing them on every run would make a no-op re-run slow.
     ctime cannot be set back by a user (unlike mtime), so an in-place edit is still noticed.
     """
-    st = path.stat()
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    return _digest_and_stamp(path, memo)[0]
+
+
+def _digest_and_stamp(path: Path, memo: MutableMapping[str, Any] | None) -> tuple[str, str]:
+    # The stamp is taken before hashing: a write during the hash leaves a stamp that no longer matches.
+    stamp = file_stamp(path)
     if memo is not None and stamp in memo:
-        return str(memo[stamp])
+        return str(memo[stamp]), stamp
     digest = file_digest(str(path))
     if memo is not None:
         memo[stamp] = digest
-    return digest
+    return digest, stamp
 
 
 def detect_device() -> str:
@@ -278,8 +346,13 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
     cls = getattr(diffusers, ref.pipeline_class, None) or diffusers.DiffusionPipeline
     source: str | Path = ref.folder if ref.kind != "hub" else ref.spec
     kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
-    if ref.kind == "hub" and ref.revision:
-        kwargs["revision"] = ref.revision
+    if ref.kind == "hub":
+        # The commit the fingerprint names, not the branch: a push to the model after planning must not
+        # put other weights under the planned keys.
+        commit = ref.folder.name if ref.folder is not None else ""
+        revision = commit if _COMMIT.fullmatch(commit) else ref.revision
+        if revision:
+            kwargs["revision"] = revision
     # A component listed as [null, null] (SD3 without T5) must be passed as None, or diffusers refuses.
     for name, value in ref.index.items():
         if not name.startswith("_") and isinstance(value, list) and value[0] is None:
@@ -294,12 +367,14 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # damaged files surface as OSError, ValueError, SafetensorError, RuntimeError...
+        check_unchanged(ref)  # a file half-copied over while loading is that, not a damaged model
         where = ref.folder if ref.kind != "hub" else f"the Hugging Face cache entry of {ref.spec}"
         raise ModelError(
             f"cannot load model '{ref.spec}' from {where}: {type(exc).__name__}: {str(exc)[:300]}. "
             "A weight file may be truncated or damaged: re-download the model"
             + (" (or run 'python tools/make_tiny_models.py')" if ref.is_embedded else "")
         ) from None
+    check_unchanged(ref)
     try:
         pipe = pipe.to(device)
     except Exception as exc:  # out of memory, or a device that is not there

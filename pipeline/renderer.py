@@ -22,7 +22,7 @@ import importlib
 import inspect
 import io
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipeline.cache import CacheDir
+from pipeline.environment import read_input
 from pipeline.interpolate import Entry, conditioning, noise_for
 from pipeline.keys import key_of
 from pipeline.planner import FrameJob, Plan
@@ -70,19 +71,48 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def configure(pipe: Any, scene: Scene) -> Any:
-    """Apply the scene's sampler, learned embeddings and LoRA files to a freshly loaded pipeline."""
+    """Apply the scene's sampler to a freshly loaded pipeline.
+
+    Its learned embeddings and LoRA files are loaded by :class:`FrameRenderer`, which knows the
+    content hashes the plan was made with and loads exactly those bytes.
+    """
     if scene.scheduler:
         pipe.scheduler = build_scheduler(scene.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def load_learned(pipe: Any, scene: Scene, files: Mapping[str, str]) -> None:
+    """Load the scene's learned embeddings and LoRA weights into ``pipe`` from the planned bytes.
+
+    Each file is read once, checked against the hash its frames and embeddings are keyed by
+    (:func:`read_input`), and handed to diffusers as tensors, as diffusers itself would read the file.
+    """
     for emb in scene.embeddings:
-        pipe.load_textual_inversion(str(scene.resolve(emb.path)), token=emb.token)
+        data = read_input(scene, files, files[emb.path])
+        pipe.load_textual_inversion(_embedding_tensors(data), token=emb.token)
     denoiser = _denoiser(pipe)
     for lora in scene.loras:
+        data = read_input(scene, files, files[lora.path])
         # LoRA weights go into the denoiser only: embeddings are cached apart from any LoRA scale.
         prefix = "transformer" if hasattr(pipe, "transformer") and pipe.transformer is not None else "unet"
-        denoiser.load_lora_adapter(
-            str(scene.resolve(lora.path)), prefix=prefix, adapter_name=scene.lora_name(lora)
-        )
-    return pipe
+        tensors = _weight_tensors(data, safetensors=lora.path.endswith(".safetensors"))
+        denoiser.load_lora_adapter(tensors, prefix=prefix, adapter_name=scene.lora_name(lora))
+
+
+def _weight_tensors(data: bytes, *, safetensors: bool) -> dict[str, Any]:
+    """A weights file's tensors from its bytes: safetensors, or a pickle read with ``weights_only``
+    (what diffusers' ``load_state_dict`` does for a file of that suffix)."""
+    if safetensors:
+        return dict(load_safetensors(data))
+    return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def _embedding_tensors(data: bytes) -> dict[str, Any]:
+    """A learned embedding's tensors: diffusers tries safetensors whatever the suffix, then a pickle."""
+    try:
+        return dict(load_safetensors(data))
+    except Exception:  # SafetensorError: not a safetensors file
+        return _weight_tensors(data, safetensors=False)
 
 
 def _denoiser(pipe: Any) -> Any:
@@ -156,6 +186,7 @@ class FrameRenderer:
         self.encoded = 0  # embeddings computed this run (the rest came from the cache)
         self._mode_pipes: dict[str, Any] = {}
         self._images: dict[str, Image.Image] = {}
+        load_learned(pipe, scene, plan.files)
 
     # 1. Prompts -> embeddings, through the embedding cache.
     def encode_prompts(self, keys: Iterable[str]) -> None:
@@ -251,8 +282,9 @@ class FrameRenderer:
         """An input image by content hash, resized to the scene's size."""
         key = f"{digest}:{mode}"
         if key not in self._images:
-            rel = next(rel for rel, h in self.plan.files.items() if h == digest)
-            with Image.open(self.scene.resolve(rel)) as im:
+            # Decoded from the bytes that hash to the key's digest, never from a second read of the file.
+            data = read_input(self.scene, self.plan.files, digest)
+            with Image.open(io.BytesIO(data)) as im:
                 self._images[key] = im.convert(mode).resize(
                     (self.scene.width, self.scene.height), Image.LANCZOS
                 )

@@ -1,0 +1,229 @@
+"""An input that changes during a run never leaves a frame under a key that does not describe it.
+
+Keys are computed when the run is planned, from the content of every input then; frames are made
+later. Each test plans a scene, then changes one input (init image, mask, a weight file of a local
+model folder, a LoRA file, a learned-embedding file) exactly in that window, then renders as the run
+loop does (load, configure, render each frame and store it the moment it is done). The swap is
+placed by the test itself between the stages, not by timing, so every case is deterministic.
+
+The rule checked: afterwards the cache holds no frame whose pixels differ from a cold render of its
+key, and a render that would have read other bytes than the planned ones stops with
+:class:`~pipeline.models.InputChanged` before storing anything made from them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from pipeline.cache import CacheDir
+from pipeline.environment import resolve_env
+from pipeline.models import InputChanged, load_pipeline, resolve_model
+from pipeline.planner import plan
+from pipeline.renderer import FrameRenderer, configure
+from pipeline.scene import load_scene
+from tests.reliability._helpers_inputs import (
+    cached_frames,
+    copy_model,
+    decode,
+    folder_frames,
+    render_ok,
+    scene_in,
+)
+
+# One frame per kind of input, in render order: frame 0 reads the model, the learned embedding and
+# the LoRA; frame 1 the init image; frame 2 the mask. So a swap of the init image lands after frame
+# 0 was stored, and a swap of the mask after frames 0 and 1.
+SCENE = """\
+model: models/tiny
+size: [32, 32]
+steps: 2
+seed: 5
+embeddings:
+  - {path: inputs/tom_tiny.safetensors, token: "<tom>"}
+loras:
+  - {path: inputs/style_tiny.safetensors, name: style, scale: 0.8}
+keyframes:
+  - {frame: 0, prompt: "a cartoon of <tom>"}
+  - {frame: 1, prompt: a red barn, mode: img2img, init_image: inputs/landscape.png, strength: 0.6}
+  - {frame: 2, prompt: a blue lake, mode: inpaint, mask: inputs/house_mask.png, strength: 0.9}
+outputs: [frames/]
+"""
+FRAMES = 3
+UNET = "models/tiny/unet/diffusion_pytorch_model.safetensors"
+
+
+def make_folder(folder: Path) -> Path:
+    scene = scene_in(folder, SCENE)
+    copy_model(folder / "models" / "tiny")
+    return scene
+
+
+def _flip(path: Path) -> None:
+    with Image.open(path) as im:
+        flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(path)  # in place: same file, other content
+
+
+def _scale_tensors(factor: float, shift: float = 0.0) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        tensors = {k: v * factor + shift for k, v in load_file(path).items()}
+        save_file(tensors, path)
+
+    return change
+
+
+# kind -> (file changed, how). Every change gives a valid file of the same shape: only its pixels differ.
+CHANGES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "init_image": ("inputs/landscape.png", _flip),
+    "mask": ("inputs/house_mask.png", _flip),
+    "model_weights": (UNET, _scale_tensors(0.5)),
+    "lora": ("inputs/style_tiny.safetensors", _scale_tensors(4.0)),
+    "embedding": ("inputs/tom_tiny.safetensors", _scale_tensors(1.0, shift=0.5)),
+}
+
+
+def render_planned_then_changed(scene_path: Path, cache_dir: Path, change: Callable[[], None]) -> list[str]:
+    """Plan, let ``change`` alter an input, then render every frame as the run loop does, storing
+    each one as soon as it is made. Returns the keys stored; raises what rendering raised."""
+    scene = load_scene(scene_path)
+    ref = resolve_model(scene.model, scene.base_dir)
+    p = plan(scene, resolve_env(scene, device="cpu", ref=ref))
+    change()  # the window: after the keys were computed, before anything is read to render
+    stored: list[str] = []
+    with CacheDir(cache_dir) as cache:
+        pipe = configure(load_pipeline(ref, device="cpu", dtype="float32"), scene)
+        renderer = FrameRenderer(pipe, scene, p, cache, device="cpu", dtype="float32")
+        for job in p:
+            [png] = renderer.render_batch([job])
+            cache.frames.put(job.key, png)
+            stored.append(job.key)
+    return stored
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """Frame key -> pixels of a cold render of the unchanged scene, in a fresh cache."""
+    folder = tmp_path_factory.mktemp("cold")
+    scene = make_folder(folder)
+    render_ok(scene, folder / "cache", "--out", str(folder / "out"))
+    keys = [job.key for job in plan(load_scene(scene), resolve_env(load_scene(scene), device="cpu"))]
+    assert len(set(keys)) == FRAMES
+    return dict(zip(keys, cached_frames(folder / "cache", keys), strict=True))
+
+
+def assert_cache_matches_cold(cache_dir: Path, cold: dict[str, np.ndarray]) -> int:
+    """Every frame in the cache is a frame of the planned scene with the pixels of its cold render."""
+    with CacheDir(cache_dir) as cache:
+        held = list(cache.frames.present(list(cold)))
+        total = len(cache.frames)
+    assert total == len(held), "the cache holds frames under keys the plan does not have"
+    for key, pixels in zip(held, cached_frames(cache_dir, held), strict=True):
+        assert np.array_equal(pixels, cold[key]), f"frame {key[:12]} differs from a cold render of its key"
+    return len(held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CHANGES))
+def test_input_changed_after_planning_stores_no_wrong_frame(
+    kind: str, tmp_path: Path, cold: dict[str, np.ndarray]
+) -> None:
+    scene = make_folder(tmp_path)
+    rel, how = CHANGES[kind]
+    try:
+        render_planned_then_changed(scene, tmp_path / "cache", lambda: how(tmp_path / rel))
+        stopped = ""
+    except InputChanged as exc:
+        stopped = str(exc)
+    # The rule first: whatever happened, no frame in the cache differs from a cold render of its key.
+    stored = assert_cache_matches_cold(tmp_path / "cache", cold)
+    # The run stopped at the first read of the changed file, with a message that names it ...
+    assert "changed during the run" in stopped and Path(rel).name in stopped, stopped
+    # ... and the frames made before that file was needed are kept (and are right).
+    assert stored == {"init_image": 1, "mask": 2}.get(kind, 0)
+
+
+@pytest.mark.slow
+def test_model_file_replaced_and_put_back_during_the_run_stops_it(
+    tmp_path: Path, cold: dict[str, np.ndarray]
+) -> None:
+    """A weight file swapped and put back may have been read in between: content alone cannot tell,
+    so the file's stamp (ctime moves on every write or rename) must be the one hashed when planning."""
+    scene = make_folder(tmp_path)
+    weights = tmp_path / UNET
+    keep = tmp_path / "unet.orig"
+    shutil.copy2(weights, keep)
+
+    def swap_and_put_back() -> None:
+        _scale_tensors(0.5)(weights)
+        shutil.copy2(keep, weights)  # same bytes again, as when planned
+
+    with pytest.raises(InputChanged, match=r"model 'models/tiny': .*diffusion_pytorch_model\.safetensors"):
+        render_planned_then_changed(scene, tmp_path / "cache", swap_and_put_back)
+    assert assert_cache_matches_cold(tmp_path / "cache", cold) == 0
+
+
+@pytest.mark.slow
+def test_image_changed_and_put_back_before_it_is_read_renders_right(
+    tmp_path: Path, cold: dict[str, np.ndarray]
+) -> None:
+    """Images are checked by content when read: the planned bytes are what is decoded, so no stop."""
+    scene = make_folder(tmp_path)
+    image = tmp_path / "inputs" / "landscape.png"
+    original = image.read_bytes()
+
+    def change_and_restore() -> None:
+        _flip(image)
+        image.write_bytes(original)
+
+    assert len(render_planned_then_changed(scene, tmp_path / "cache", change_and_restore)) == FRAMES
+    assert assert_cache_matches_cold(tmp_path / "cache", cold) == FRAMES
+
+
+@pytest.mark.slow
+def test_run_again_after_the_change_renders_the_right_frames(
+    tmp_path: Path, cold: dict[str, np.ndarray]
+) -> None:
+    """The issue's reproduction: the init image is swapped during a run and restored; the next run
+    must render what is missing and give the frames of a cold render (it said '0 rendered' before)."""
+    scene = make_folder(tmp_path)
+    image = tmp_path / "inputs" / "landscape.png"
+    original = image.read_bytes()
+    with pytest.raises(InputChanged):
+        render_planned_then_changed(scene, tmp_path / "cache", lambda: _flip(image))
+    image.write_bytes(original)
+    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out"))
+    assert (report["rendered"], report["cached"]) == (FRAMES - 1, 1)
+    frames = folder_frames(tmp_path / "out" / "frames")
+    assert all(np.array_equal(f, cold[k]) for f, k in zip(frames, cold, strict=True))
+    # And with the changed image kept, the next run plans from it: new keys for the frames it feeds.
+    _flip(image)
+    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out2"))
+    assert (report["rendered"], report["cached"]) == (2, 1)
+
+
+def test_input_changed_is_a_failure_of_the_run_not_of_the_scene() -> None:
+    """Exit 1 (like a full disk), not 2: the scene is fine, and running again resumes."""
+    assert issubclass(InputChanged, OSError)
+
+
+def test_decode_is_of_the_planned_bytes(tmp_path: Path) -> None:
+    """The renderer's input image is decoded from bytes whose hash is the planned digest."""
+    scene_path = make_folder(tmp_path)
+    scene = load_scene(scene_path)
+    env = resolve_env(scene, device="cpu")
+    from pipeline.environment import read_input
+
+    digest = env.files["inputs/landscape.png"]
+    data = read_input(scene, env.files, digest)
+    assert data == (tmp_path / "inputs" / "landscape.png").read_bytes()
+    assert decode(data).shape == (512, 512, 3)
+    _flip(tmp_path / "inputs" / "landscape.png")
+    with pytest.raises(InputChanged, match=r"input 'inputs/landscape\.png' changed during the run"):
+        read_input(scene, env.files, digest)

@@ -482,9 +482,10 @@ def _parse_scene(
 
 
 def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any, ...]]]:
-    """Type-check; on errors, set the offending mapping keys aside and retry, so the rules can run too.
+    """Type-check; on errors, set the offending values aside and retry, so the rules can run too.
 
-    Returns the scene (None if it could not be repaired), the type problems, and the paths set aside.
+    Returns the scene (None if it could not be repaired), the type problems of every round, and
+    the paths set aside. A value set aside never hides another problem: the rules run on the rest.
     """
     data = copy.deepcopy(doc.data)
     problems: list[Problem] = []
@@ -494,36 +495,85 @@ def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any,
             return Scene.model_validate(data), problems, removed
         except ValidationError as exc:
             errors = exc.errors()
-        if not problems:
-            problems = [_problem_from_pydantic(doc, err) for err in errors]
         for err in errors:
-            path = _set_aside(data, _clean_loc(tuple(err["loc"])), err["type"])
+            loc = _clean_loc(tuple(err["loc"]))
+            missing = err["type"] == "missing"
+            # A required key is missing because its bad value was set aside: already reported,
+            # and it now gets a stand-in.
+            if not (missing and loc in removed):
+                problems.append(_problem_from_pydantic(doc, err))
+            if any(loc[:depth] in removed for depth in range(1, len(loc) + (0 if missing else 1))):
+                continue  # inside a value already set aside (two bad items of one list)
+            path = _set_aside(data, loc, err["type"])
             if path is None:
                 return None, problems, removed
             removed.add(path)
     return None, problems, removed
 
 
+# A required key of a list item cannot be removed (the items after it would move) and cannot be
+# left out; it gets a stand-in that the rules report at the same place as the original problem
+# (and that the one-problem-per-place rule then drops): frame -1 is "negative", an empty path is
+# "not a file". An output's stand-in is a valid name of its own, so no rule reports it.
+_STAND_INS: dict[str, Any] = {"frame": -1, "text": "", "path": ""}
+# The lists whose items are mappings, and the required key of each.
+_LIST_ITEMS = {
+    "keyframes": "frame",
+    "prompt": "text",
+    "outputs": "path",
+    "embeddings": "path",
+    "loras": "path",
+}
+
+
+def _stand_in(item: tuple[Any, ...]) -> dict[str, Any]:
+    """A stand-in for the list item at ``item``: its required key with its stand-in value."""
+    key = _LIST_ITEMS[item[-2]]
+    if item[-2] == "outputs":
+        return {key: f"set-aside-{item[-1]}.gif"}
+    return {key: _STAND_INS[key]}
+
+
 def _set_aside(data: Any, loc: tuple[Any, ...], kind: str) -> tuple[Any, ...] | None:
-    """Remove the mapping key holding a bad value (never a list item: positions must not shift)."""
+    """Remove the mapping key holding a bad value, or stand in for a required one; the path set aside.
+
+    Never removes a list item: the positions of the items after it must not shift.
+    """
     if kind == "missing":
-        return None  # a required key cannot be made up
-    # The deepest mapping key on the path: its removal falls back to the default.
+        if len(loc) >= 2 and isinstance(loc[-2], int) and loc[-1] in _STAND_INS:
+            item = _lookup(data, loc[:-1])
+            if isinstance(item, dict):
+                item[loc[-1]] = _stand_in(loc[:-1])[loc[-1]]
+                return loc
+            return None
+        loc = loc[:-1]  # a mapping value lacking a required key (walk, grid): set the mapping aside
+    if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in _LIST_ITEMS:
+        # A list item that is not a mapping at all ('- a dog' for a keyframe): a stand-in item.
+        items = _lookup(data, loc[:-1])
+        if isinstance(items, list) and loc[-1] < len(items):
+            items[loc[-1]] = _stand_in(loc)
+            return loc
+    # The deepest mapping key on the path whose parent is a mapping: its removal falls back to the
+    # default. ('noise: travle' is checked as {kind: travle}: the key to remove is 'noise' itself.)
     for depth in range(len(loc), 0, -1):
         key = loc[depth - 1]
         if not isinstance(key, str):
             continue
-        parent = data
-        for step in loc[: depth - 1]:
-            try:
-                parent = parent[step]
-            except (KeyError, IndexError, TypeError):
-                return None
+        parent = _lookup(data, loc[: depth - 1])
         if isinstance(parent, dict) and key in parent:
             del parent[key]
             return loc[:depth]
-        return None
     return None
+
+
+def _lookup(data: Any, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` in plain data, or None if there is none."""
+    for step in path:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -806,7 +856,13 @@ def _check_rules(
         if n >= 0 and (previous is None or n > previous[0]):
             previous = (n, i)
 
-    if scene.keyframes and not any(kf.prompt for kf in scene.keyframes) and not gone("prompt"):
+    stood_in = any(len(path) == 2 and path[0] == "keyframes" for path in removed)
+    if (
+        scene.keyframes
+        and not any(kf.prompt for kf in scene.keyframes)
+        and not gone("prompt")
+        and not stood_in
+    ):
         add(doc.problem(("keyframes",), "no keyframe sets a 'prompt'; at least one must", key=True))
     for i, kf in enumerate(scene.keyframes):
         # Each weight is over 0, so only their sum can go wrong: 1e308 + 1e308 is inf, and every
@@ -842,8 +898,8 @@ def _check_rules(
             )
         )
 
-    # 4. Noise.
-    noise = scene.noise
+    # 4. Noise (unless a bad one was set aside: rules about the default it fell back to would mislead).
+    noise = scene.noise if not gone("noise", "kind") else Noise(kind="travel")
     if noise.kind == "circle":
         if (not noise.seeds or len(noise.seeds) != 2) and not gone("seeds"):
             add(doc.problem(("noise",), "noise: a circle walk needs 'seeds: [A, B]', exactly two seeds"))
@@ -856,7 +912,11 @@ def _check_rules(
         )
     if noise.endpoint and noise.kind != "circle":
         add(doc.problem(("noise", "endpoint"), "noise: 'endpoint' is only for kind circle"))
-    if noise.kind == "travel" and not any(kf.seed is not None for kf in scene.keyframes) and not gone("seed"):
+    if (
+        noise.kind == "travel"
+        and not any(kf.seed is not None for kf in scene.keyframes)
+        and not gone("seed", "noise", "kind", "keyframes")
+    ):
         add(
             doc.problem(
                 ("noise",),
@@ -880,7 +940,7 @@ def _check_rules(
     )
     lora_names = {scene.lora_name(lo) for lo in scene.loras}
     for i, kf in enumerate(scene.keyframes):
-        for name in kf.lora or {}:
+        for name in kf.lora or {} if not gone("loras", "name") else {}:
             if name not in lora_names:
                 allowed = ", ".join(sorted(lora_names)) or "none (the scene lists no 'loras')"
                 add(
@@ -1072,28 +1132,11 @@ def _resolve(scene: Scene, relative: str) -> Path | str:
 
 
 def _check_model(scene: Scene) -> str | None:
-    name = scene.model
-    if name in embedded_models():
-        return None
-    local = _resolve(scene, name)
-    if isinstance(local, str):
-        return f"model: {local}"
-    kind = _path_kind(local)
-    if kind.startswith("unusable: "):
-        return f"model: '{_shorten(name)}' is not a usable path ({kind.removeprefix('unusable: ')})"
-    looks_local = name.startswith((".", "/", "~")) or kind != "missing"
-    if not looks_local and name.startswith("tiny"):
-        return f"model: '{name}' is not an embedded model; embedded: {', '.join(embedded_models()) or 'none'}"
-    if looks_local:
-        if _path_kind(local / "model_index.json") != "file":
-            return f"model: folder '{_shorten(name)}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))})"
-        return None
-    if _HF_ID.match(name):
-        return None
-    return (
-        f"model: '{name}' is neither an embedded model ({', '.join(embedded_models())}), "
-        "a local diffusers folder, nor a Hugging Face id like 'owner/name'"
-    )
+    """The scene's ``model:`` names a model (the check ``--model`` gets too, in ``pipeline.models``)."""
+    from pipeline.models import check_model_spec  # torch-free; models imports nothing of scene
+
+    problem = check_model_spec(scene.model, scene.base_dir)
+    return f"model: {problem}" if problem else None
 
 
 def _check_modes_and_files(
@@ -1219,36 +1262,46 @@ def _check_modes_and_files(
 
 
 def check_against_model(
-    scene: Scene, *, pipeline_class: str, family: str, components: dict[str, Any]
+    scene: Scene,
+    *,
+    pipeline_class: str,
+    family: str,
+    components: dict[str, Any],
+    model: str | None = None,
 ) -> list[Problem]:
-    """What the scene asks of its model that the model cannot do: modes, learned embeddings, T5."""
+    """What the scene asks of its model that the model cannot do: modes, learned embeddings, T5.
+
+    ``model`` is the ``--model`` that replaces the scene's ``model:``, if any: the messages name the
+    model that is used and where it came from.
+    """
     from pipeline.models import modes_for
 
     doc = scene._doc or YamlDoc(str(scene.path), None)
     problems: list[Problem] = []
+    named = f"--model '{model}'" if model is not None else f"model '{scene.model}'"
     allowed = modes_for(pipeline_class)
-    uses = (
-        [(("mode",), scene.mode)]
-        if not scene.keyframes or scene.keyframe_frames[0] != 0 or scene.keyframes[0].mode is None
-        else []
-    )
+    written = scene.keyframes and scene.keyframe_frames[0] == 0 and scene.keyframes[0].mode is not None
+    uses = [] if written else [(("mode",), scene.mode)]
     uses += [
         (("keyframes", i, "mode"), kf.mode) for i, kf in enumerate(scene.keyframes) if kf.mode is not None
     ]
     for at, mode in uses:
         if mode not in allowed:
+            # A mode nobody wrote is the default: say so, as the position is then only the scene's start.
+            unset = at == ("mode",) and at not in doc.marks
+            default = f"; the scene sets no 'mode', so it is {mode}, the default" if unset else ""
             problems.append(
                 doc.problem(
                     at,
-                    f"mode {mode} is not possible with model '{scene.model}' ({pipeline_class}); "
-                    f"it renders: {', '.join(allowed)}",
+                    f"mode {mode} is not possible with {named} ({pipeline_class}); "
+                    f"it renders: {', '.join(allowed)}{default}",
                 )
             )
     if scene.embeddings and family != "sd":
         problems.append(
             doc.problem(
                 ("embeddings",),
-                f"learned embeddings work with SD 1.x/2.x models; '{scene.model}' is {family}",
+                f"learned embeddings work with SD 1.x/2.x models; {named} is {family}",
                 key=True,
             )
         )
@@ -1256,7 +1309,7 @@ def check_against_model(
         problems.append(
             doc.problem(
                 ("t5",),
-                f"t5: true needs an SD3 model with a T5 text encoder; '{scene.model}' has none",
+                f"t5: true needs an SD3 model with a T5 text encoder; {named} has none",
                 key=True,
             )
         )

@@ -19,3 +19,5 @@ else
   .venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
 fi
 .venv/bin/python -c "import torch, diffusers, transformers; print('ready: torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
+# The stamp pipeline/bootstrap.py and test.sh read: this set-up matches these files (set up again if they change).
+cat pyproject.toml constraints.txt setup.sh | sha256sum | cut -d' ' -f1 >.venv/.sd-scenes-setup

@@ -43,6 +43,7 @@ guidance: 7.0
 seed: 42
 noise: fixed
 interpolation: slerp
+outputs: []
 keyframes:
   - frame: 0
     prompt: "{a}"
@@ -79,24 +80,28 @@ def naive(pipe, torch, slerp, encode_png, n: int, size: int) -> list[bytes]:
     return pngs
 
 
-def ours(scene, env, ref, cache_dir, batch: int, cold: bool) -> tuple[int, list[bytes]]:
-    """``pipeline.run.run`` itself (no outputs): cold from an empty cache, or warm against a full one.
+def ours(path, pipe, cache_dir, batch: int, cold: bool) -> tuple[int, list[bytes]]:
+    """The project's own driver through the public API (no outputs): cold from an empty cache, or warm
+    against a full one.
 
-    ``load_pipeline`` is patched (see ``main``) to hand back the pipeline loaded once up front, so the
-    model load is outside the timing; everything else is the project's own driver, whatever it is.
+    The pipeline loaded once up front is injected as the renderer (``render(renderer=...)``), so the
+    model load is outside the timing; everything else is ``Session.render``, whatever it does.
     Returns (frames rendered, the PNG of every frame).
     """
+    import pipeline
     from pipeline.cache import CacheDir
-    from pipeline.planner import plan
-    from pipeline.run import run
+    from pipeline.renderer import FrameRenderer
 
-    p = plan(scene, env)
+    session = pipeline.open(path, device="cpu", batch_size=batch, cache_dir=cache_dir)
+    report = session.render(
+        renderer=lambda setup: FrameRenderer(
+            pipe, setup.scene, setup.plan, setup.cache, device="cpu", dtype="float32"
+        )
+    )
+    if cold:
+        assert report.embeddings_encoded == 3, report  # two prompts and the negative, once each
     with CacheDir(cache_dir) as cache:
-        cached = set() if cold else cache.frames.present([j.key for j in p])
-        result = run(scene, env, ref, p, cache, cached, [], batch_size=batch, quiet=True)
-        if cold:
-            assert result["embeddings_encoded"] == 3, result  # two prompts and the negative, once each
-        return int(result["rendered"]), [cache.frames.get(j.key) for j in p]
+        return report.rendered, [cache.frames.get(j.key) for j in session.plan()]
 
 
 def pixels(png: bytes):
@@ -113,8 +118,6 @@ def main() -> None:
     import torch
 
     c.threads()
-    import pipeline.models
-    from pipeline.environment import resolve_env
     from pipeline.interpolate import slerp
     from pipeline.models import load_pipeline, resolve_model
     from pipeline.renderer import configure, encode_png
@@ -126,12 +129,10 @@ def main() -> None:
         for size in (64, 256):
             path = c.write_scene(d / f"s{size}", SCENE.format(size=size, steps=STEPS, last=n - 1, a=A, b=B))
             scene = load_scene(path)
-            env = resolve_env(scene, device="cpu")
             ref = resolve_model(scene.model, scene.base_dir)
             t_load, pipe = c.timed(
                 lambda: configure(load_pipeline(ref, device="cpu", dtype="float32"), scene)
             )
-            pipeline.models.load_pipeline = lambda *a, pipe=pipe, **k: pipe  # run() reuses it: no load timed
             print(f"# {size}x{size}: model load {t_load:.2f} s (excluded from every timing below)")
             naive(pipe, torch, slerp, encode_png, 2, size)  # untimed warm-up
             fps: dict[str, list[float]] = {}
@@ -141,13 +142,13 @@ def main() -> None:
                 fps.setdefault("naive (1 frame/call, re-encode)", []).append(n / t)
                 for b in BATCHES:
                     cache_dir = d / f"cache-{size}-{b}-{r}"
-                    t, (rendered, pngs) = c.timed(lambda: ours(scene, env, ref, cache_dir, b, cold=True))
+                    t, (rendered, pngs) = c.timed(lambda: ours(path, pipe, cache_dir, b, cold=True))
                     assert rendered == n, rendered
                     name = f"ours, cold, batch {b}"
                     fps.setdefault(name, []).append(n / t)
                     diff[name] = int(np.abs(pixels(pngs[-1]) - pixels(ref_pngs[-1])).max())
                     if b == BATCHES[-1]:
-                        t, (rendered, _) = c.timed(lambda: ours(scene, env, ref, cache_dir, b, cold=False))
+                        t, (rendered, _) = c.timed(lambda: ours(path, pipe, cache_dir, b, cold=False))
                         assert rendered == 0, rendered
                         fps.setdefault("ours, warm re-run (0 rendered)", []).append(n / t)
             base = c.median(fps["naive (1 frame/call, re-encode)"])

@@ -13,36 +13,32 @@ Every input is checked before any model loads; bad input prints ``FILE:LINE:COL:
 
 from __future__ import annotations
 
-import errno
 import json
-import shutil
+import shlex
 import signal
-import sqlite3
 import sys
-import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 
-from pipeline.cache import STORE_NAMES, CacheDir, record_key
-from pipeline.environment import RenderEnv, resolve_env
-from pipeline.history import frame_status, load_plan, save_plan
-from pipeline.models import RANDOM_WEIGHTS_NOTE, ModelError, resolve_model
-from pipeline.planner import Plan, plan
-from pipeline.run import check_outputs, readable_frames, run
-from pipeline.scene import Scene, check_against_model, load_scene
-from pipeline.yamlio import SceneError
+from pipeline import __version__
+from pipeline import app as api
+from pipeline.cache import STORE_NAMES, CacheDir, CacheUnavailable
+from pipeline.environment import RenderEnv
+from pipeline.models import RANDOM_WEIGHTS_NOTE
+from pipeline.paths import default_cache_dir
+from pipeline.planner import Plan
+from pipeline.scene import Scene
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = PROJECT_ROOT / "cache"
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_CACHE = default_cache_dir()
+HELP = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    context_settings=HELP,
     help="Declarative Stable Diffusion animations. 'render.py SCENE [OPTIONS]' is short for "
     "'render.py render SCENE [OPTIONS]'; see 'render.py render --help'.",
 )
@@ -50,9 +46,25 @@ cache_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    context_settings=HELP,
     help="Show or clear the cache.",
 )
 app.add_typer(cache_app, name="cache")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sd-scenes {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Show the version and exit."
+    ),
+) -> None:
+    """Declarative Stable Diffusion animations."""
 
 
 def _fail(lines: list[str], code: int = 2) -> NoReturn:
@@ -61,29 +73,17 @@ def _fail(lines: list[str], code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _memo(cache: CacheDir | None) -> dict[str, Any]:
-    """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
-    if cache is None:
-        return {}
-    return dict(cache.records.get_json(record_key("file-digests")) or {})
-
-
-def _save_memo(cache: CacheDir, memo: dict[str, Any]) -> None:
-    cache.records.put_json(record_key("file-digests"), memo)
-
-
 def _open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
-    """The cache, created if ``writable``; read-only (None if there is none yet) otherwise."""
+    """The cache, created if ``writable`` (read-only where the disk refuses writes: see
+    `CacheDir.open`); with ``writable=False`` opened for reading only, None if there is none yet.
+
+    A cache that cannot be opened is exit 2 with a hint that never destroys an intact store, except
+    a full disk, which is exit 1 like a disk that fills up while rendering.
+    """
     try:
-        return CacheDir(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
-    except (sqlite3.DatabaseError, OSError) as exc:
-        full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
-        hint = (
-            "free some space on that disk, or choose another --cache-dir"
-            if full
-            else f"if it is damaged, clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
-        )
-        _fail([f"--cache-dir: cannot open the cache in {cache_dir}: {exc}", hint])
+        return CacheDir.open(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
+    except CacheUnavailable as exc:
+        _fail([f"--cache-dir: {exc}", exc.hint()], code=1 if exc.kind == "full" else 2)
 
 
 class _Describe:
@@ -164,25 +164,32 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
             f"{_short(_describe_noise(j.recipe['noise']), 22):22}  {_short(values, 28):28}  {s}"
         )
     cached = sum(1 for s in status if s == "cached")
-    typer.echo(f"{cached} cached, {len(status) - cached} to render")
+    claimed = sum(1 for s in status if s.startswith("claimed by"))
+    busy = f" ({claimed} of them being rendered by another process)" if claimed else ""
+    typer.echo(f"{cached} cached, {len(status) - cached} to render{busy}")
 
 
 @app.command("render")
 def render_command(
+    ctx: typer.Context,
     scene_file: Path = typer.Argument(..., help="The scene YAML file.", show_default=False),
     plan_only: bool = typer.Option(
         False, "--plan", help="Show the frames and whether each is cached; render nothing."
     ),
     as_json: bool = typer.Option(False, "--json", help="With --plan: print JSON, one object per frame."),
     model: str | None = typer.Option(
-        None, "--model", help="Override the scene's model: embedded name, HF id or folder."
+        None,
+        "--model",
+        help="Override the scene's model: embedded name, HF id or folder (relative to the current folder).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Frames per pipeline call (default: 4 on CPU, 8 on GPU)."
     ),
     cache_dir: Path = typer.Option(
-        DEFAULT_CACHE, "--cache-dir", help="Where frames and embeddings are cached."
+        DEFAULT_CACHE,
+        "--cache-dir",
+        help="Where frames and embeddings are cached (cache/ in a checkout, else the user's cache folder).",
     ),
     out_dir: Path | None = typer.Option(
         None, "--out", help="Output folder (default: renders/<scene name>/ beside the scene)."
@@ -194,155 +201,164 @@ def render_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Render a scene: only frames that are not cached are rendered; outputs are rebuilt when they changed."""
-    # 1. Check every input before anything loads or is written.
-    problems: list[str] = []
-    if device not in DEVICES:
-        problems.append(f"--device: '{device}' is not allowed; allowed: {', '.join(DEVICES)}")
-    if batch_size is not None and not 1 <= batch_size <= 1024:
-        problems.append(f"--batch-size: {batch_size} is not allowed; use a whole number from 1 to 1024")
+    # 1. Check every input before anything loads or is written (pipeline.app does the work).
+    session = api.open(
+        scene_file,
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        out_dir=out_dir,
+        allow_outside_inputs=allow_outside_inputs,
+    )
+    problems = [str(p) for p in session.problems]
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
-    if cache_dir.exists() and not cache_dir.is_dir():
-        problems.append(f"--cache-dir: {cache_dir} is a file, not a folder")
-    try:
-        scene = load_scene(scene_file, allow_outside_inputs=allow_outside_inputs)
-        outputs_dir = (out_dir or scene.base_dir / "renders" / scene.name).resolve()
-        targets = check_outputs(scene, outputs_dir)
-    except SceneError as exc:
-        problems = [str(p) for p in exc.problems] + problems
-        _fail(problems)
     if problems:
         _fail(problems)
-
-    with ExitStack() as stack:
-        # 2. Read-only until every input (the model included) has passed: bad input writes nothing.
-        cache = _open_cache(cache_dir, writable=False)
-        if cache is not None:
-            stack.callback(cache.close)
-        memo = _memo(cache)
-        memo_before = dict(memo)
-        try:
-            ref = resolve_model(model or scene.model, scene.base_dir, revision=scene.revision, memo=memo)
-            env = resolve_env(scene, device=device, ref=ref)
-        except ModelError as exc:
-            _fail([f"{scene_file}: {exc}"])
-        misfits = check_against_model(
-            scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index
-        )
-        if misfits:
-            _fail([str(m) for m in misfits])
-        p = plan(scene, env)
-
+    options: dict[str, Any] = ctx.obj or {}
+    try:
         if plan_only:
-            cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
-            previous = load_plan(cache.records if cache else None, scene.path)
-            _print_plan(scene, env, p, frame_status(p, previous, cached), as_json)
+            status = [f.status for f in session.status()]
+            assert session.scene is not None
+            _print_plan(session.scene, session.env, session.plan(), status, as_json)
             return
 
-        # 3. Render: now the cache may be created and written.
-        cache = _open_cache(cache_dir, writable=True)
-        assert cache is not None
-        stack.callback(cache.close)
-        cached = readable_frames(cache, p)
-        if memo != memo_before:
-            _save_memo(cache, memo)
-        if device == "auto" and any(j.key not in cached for j in p):
-            # Rendering imports torch anyway: let it confirm the device guessed without it.
-            from pipeline.models import torch_device
+        # 2. Render: now the cache may be created and written.
+        def on_start(setup: api.RenderSetup) -> None:
+            if setup.ref.is_embedded and not quiet:
+                typer.echo(RANDOM_WEIGHTS_NOTE.format(name=setup.ref.spec), err=True)
 
-            actual = torch_device()
-            if actual != env.device:
-                env = resolve_env(scene, device=actual, ref=ref)
-                p = plan(scene, env)
-                cached = readable_frames(cache, p)
-        if ref.is_embedded and not quiet:
-            typer.echo(RANDOM_WEIGHTS_NOTE.format(name=ref.spec), err=True)
-        previous = load_plan(cache.records, scene.path)
-        if previous is None or previous.get("keys") != [j.key for j in p] or previous.get("base") != p.base:
-            save_plan(cache.records, scene.path, p)  # what --plan compares against to say why
-        started = time.perf_counter()
-        try:
-            result = run(scene, env, ref, p, cache, cached, targets, batch_size=batch_size, quiet=quiet)
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not break the clean exit
-            typer.echo(
-                f"\ninterrupted: every finished frame is cached; run the same command again to resume:\n"
-                f"  python render.py {scene_file}",
-                err=True,
-            )
-            raise typer.Exit(130) from None
-        except ModelError as exc:
-            _fail([f"{scene_file}: {exc}"])
-        except (OSError, sqlite3.Error) as exc:
-            # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
-            _fail(
-                [
-                    f"error: {exc}",
-                    "frames finished so far are cached; fix the problem and run again to resume",
-                ],
-                code=1,
-            )
-        result["seconds"] = round(time.perf_counter() - started, 3)
+        result = session.render(progress=options.get("progress"), quiet=quiet, on_start=on_start)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not break the clean exit
         typer.echo(
-            f"{result['frames']} frames: {result['rendered']} rendered, {result['cached']} cached; "
-            f"outputs: {', '.join(f'{o} ({s})' for o, s in result['output_status'].items())}"
+            "\ninterrupted: every finished frame is cached; run the same command again to resume:\n"
+            f"  {options.get('command') or _command(ctx)}",
+            err=True,
         )
-        if report is not None:
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps(result, indent=2))
+        raise typer.Exit(130) from None
+    except api.InputError as exc:
+        _fail([str(p) for p in exc.problems])
+    except api.RenderError as exc:
+        _fail(
+            [f"error: {exc}", "frames finished so far are cached; fix the problem and run again to resume"],
+            code=1,
+        )
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(
+        f"{result.frames} frames: {result.rendered} rendered, {result.cached} cached; "
+        f"outputs: {', '.join(f'{o} ({s})' for o, s in result.output_status.items())}"
+    )
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def _command(ctx: typer.Context) -> str:
+    """The command line of this run, to resume it (each argument quoted for the shell)."""
+    root = ctx.find_root()
+    return shlex.join([root.info_name or "render.py", *sys.argv[1:]])
 
 
 @cache_app.command("info")
 def cache_info(cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir")) -> None:
-    """Show where the cache is, how big it is, and how many frames and embeddings it holds."""
-    try:
-        cache = CacheDir.open_readonly(cache_dir)
-    except sqlite3.DatabaseError as exc:
-        _fail(
-            [
-                f"{cache_dir}: the cache is damaged ({exc}); clear it with: python render.py cache clear --yes --cache-dir {cache_dir}"
-            ]
-        )
-    if cache is None:
-        typer.echo(f"{cache_dir}: empty (no cache yet)")
+    """Show where the cache is, every byte it holds on disk, and how many entries each store has."""
+    where = cache_dir.resolve()
+    if not CacheDir.exists(cache_dir):
+        typer.echo(f"{where}: empty (no cache yet)")
         return
-    with cache:
-        counts = cache.counts()
-        typer.echo(
-            f"{cache_dir}: {cache.volume() / 2**20:.1f} MiB; {counts['frames']} frames, "
-            f"{counts['embeddings']} embeddings, {counts['records']} records"
-        )
+    survey = CacheDir.survey(cache_dir)
+    size = sum(s.size for s in survey)
+    counts = ", ".join(
+        f"{s.entries} {s.name}" if s.problem is None else f"{s.name} unreadable" for s in survey
+    )
+    readonly = CacheDir.unwritable(cache_dir)
+    typer.echo(
+        f"{where}: {size / 2**20:.1f} MiB on disk; {counts}"
+        + (f"; read-only ({readonly})" if readonly else "")
+    )
+    problems = [s.problem for s in survey if s.problem is not None]
+    for problem in problems:
+        typer.echo(f"{problem}", err=True)
+        typer.echo(problem.hint(), err=True)
+    if problems:
+        raise typer.Exit(2)
 
 
 @cache_app.command("clear")
 def cache_clear(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir"),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    stores: list[str] = typer.Option(
+        [],
+        "--store",
+        help=f"Clear only this store ({', '.join(STORE_NAMES)}); may be given more than once.",
+        show_default=False,
+    ),
 ) -> None:
-    """Delete every cached frame and embedding (outputs already written stay)."""
-    if not CacheDir.exists(cache_dir):
+    """Delete cached frames, embeddings and records (outputs already written stay).
+
+    When a store is damaged, only the damaged stores are removed and the intact ones are kept.
+    """
+    unknown = [name for name in stores if name not in STORE_NAMES]
+    if unknown:
+        _fail([f"--store: '{name}' is not a store; stores: {', '.join(STORE_NAMES)}" for name in unknown])
+    survey = [s for s in CacheDir.survey(cache_dir) if s.entries is not None or s.problem is not None]
+    damaged = [s.name for s in survey if s.problem is not None and s.problem.kind == "damaged"]
+    # Repairing must not destroy what is intact: with damage, only the damaged stores go.
+    names = [s.name for s in survey if s.name in stores] if stores else damaged or [s.name for s in survey]
+    if not names:
         typer.echo(f"{cache_dir}: nothing to clear")
         return
-    if not yes and not typer.confirm(f"Delete everything cached in {cache_dir}?"):
-        raise typer.Exit(1)
-    try:
-        with CacheDir(cache_dir) as cache:
-            before = cache.volume()
-            cache.clear()
-    except sqlite3.DatabaseError as exc:
-        # A damaged store cannot be opened to be emptied: remove the stores whole (only ours).
-        before = sum(
-            f.stat().st_size for name in STORE_NAMES for f in (cache_dir / name).rglob("*") if f.is_file()
-        )
-        for name in STORE_NAMES:
-            shutil.rmtree(cache_dir / name, ignore_errors=True)
-        typer.echo(f"{cache_dir}: the cache was damaged ({exc}); removed its stores")
-    typer.echo(f"{cache_dir}: cleared {before / 2**20:.1f} MiB")
+    what = "everything cached" if len(names) == len(STORE_NAMES) else f"the {' and '.join(names)} store"
+    if damaged and not stores:
+        what = f"the damaged {' and '.join(names)} store"
+    if not yes and not typer.confirm(f"Delete {what} in {cache_dir}?"):
+        typer.echo(f"{cache_dir}: nothing cleared")
+        return
+    freed = 0
+    for name in names:
+        try:
+            size, why = CacheDir.clear_store(cache_dir, name)
+        except CacheUnavailable as exc:
+            _fail([f"{exc}", f"{cache_dir}: {'nothing more' if freed else 'nothing'} was cleared"], code=1)
+        freed += size
+        if why:
+            typer.echo(f"{cache_dir}: the {name} store was damaged ({why}); removed it")
+    typer.echo(f"{cache_dir}: cleared {freed / 2**20:.1f} MiB ({', '.join(names)})")
+    kept = [s.name for s in survey if s.name not in names]
+    if damaged and not stores and kept:
+        flags = " ".join(f"--store {name}" for name in kept)
+        typer.echo(f"{cache_dir}: kept the intact {', '.join(kept)}; to empty them too: cache clear {flags}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``render.py SCENE ...`` is short for ``render.py render SCENE ...``."""
+def main(argv: list[str] | None = None, *, progress: Any = None) -> None:
+    """Entry point: ``render.py SCENE ...`` is short for ``render.py render SCENE ...``.
+
+    ``progress`` (Python callers only) is handed to ``Session.render``: a callback that hears of every
+    frame done (see ``pipeline.app.Progress``).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in ("render", "cache", "--help", "-h"):
+    prog = _prog_name()
+    command = shlex.join([*prog.split(" "), *args])
+    if args and args[0] not in ("render", "cache", "--help", "-h", "--version"):
         args.insert(0, "render")
-    app(args=args, prog_name="render.py")
+    app(args=args, prog_name=prog, obj={"progress": progress, "command": command})
+
+
+def _prog_name() -> str:
+    """How the user started us, for usage lines and the resume hint."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "render.py"
+    if name == "__main__.py":
+        return "python -m pipeline"
+    if name == "cli.py":
+        return "python -m pipeline.cli"
+    if name.endswith(".py"):
+        return f"python {name}"
+    return name
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ import importlib
 import inspect
 import io
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,6 @@ from pipeline.planner import FrameJob, Plan
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
 
-DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
 # The diffusers pipeline class for each (family, mode). Mode pipelines share the loaded components.
 PIPELINES: dict[tuple[str, str], str] = {
     ("sd", "txt2img"): "StableDiffusionPipeline",
@@ -56,11 +56,6 @@ PIPELINES: dict[tuple[str, str], str] = {
     ("sd3", "feedback"): "StableDiffusion3Img2ImgPipeline",
     ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
 }
-
-
-def default_batch_size(device: str) -> int:
-    """Frames per pipeline call: small on CPU (no gain from more), larger on a GPU."""
-    return DEFAULT_BATCH.get(device, 4)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -152,7 +147,11 @@ def injected_noise(pipe: Any, noise: torch.Tensor) -> Iterator[None]:
 
 
 def motion(image: Image.Image, zoom: float, angle: float, tx: float, ty: float) -> Image.Image:
-    """Deforum-style 2D motion: zoom and rotate about the centre, then shift (pixels); edges reflect."""
+    """Deforum-style 2D motion, in Deforum's order: shift by ``tx``, ``ty`` pixels first, then zoom and
+    rotate (``angle`` degrees, counter-clockwise on screen) about the centre; the edges reflect.
+
+    As the zoom comes second it scales the shift too: ``tx=4`` at ``zoom=2`` moves content 8 pixels.
+    """
     if zoom == 1.0 and angle == 0.0 and tx == 0.0 and ty == 0.0:
         return image
     w, h = image.size
@@ -186,6 +185,7 @@ class FrameRenderer:
         self.encoded = 0  # embeddings computed this run (the rest came from the cache)
         self._mode_pipes: dict[str, Any] = {}
         self._images: dict[str, Image.Image] = {}
+        self._shared: dict[Any, Any] = {}  # what many frames' conditioning shares (a grid's row angle)
         load_learned(pipe, scene, plan.files)
 
     # 1. Prompts -> embeddings, through the embedding cache.
@@ -205,15 +205,19 @@ class FrameRenderer:
 
     @torch.no_grad()
     def _encode(self, text: str) -> Entry:
+        # clip_skip applies to every prompt, negative prompts too (as AUTOMATIC1111 and ComfyUI do;
+        # diffusers' pipelines skip layers for the positive prompt only): both sides of classifier-free
+        # guidance then come from the same CLIP layer. Every prompt is encoded here, one at a time.
         clip_skip = self.scene.clip_skip or None
         pipe = self.pipe
-        if self.family == "sd":
+        if self.family == "sd" and clip_skip:
+            entry = {"prompt_embeds": self._sd_skipped(text, clip_skip)}
+        elif self.family == "sd":
             embeds, _ = pipe.encode_prompt(
                 text,
                 self.device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
-                clip_skip=clip_skip,
             )
             entry = {"prompt_embeds": embeds}
         elif self.family == "sdxl":
@@ -239,9 +243,45 @@ class FrameRenderer:
         # Stored as float32 on the CPU: interpolation is done in float32 whatever the device.
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in entry.items()}
 
+    def _sd_skipped(self, text: str, clip_skip: int) -> torch.Tensor:
+        """SD 1.x/2.x embeddings from the CLIP layer ``clip_skip`` layers before the last.
+
+        This is what diffusers' ``encode_prompt(clip_skip=...)`` computes: that layer's hidden state
+        through the text model's final layer norm. Computed here from ``output_hidden_states``, as
+        diffusers reaches the norm through ``text_encoder.text_model``, which transformers 5's
+        ``CLIPTextModel`` no longer has. Tokens are made as diffusers makes them (textual-inversion
+        tokens expanded, padded and truncated to the tokenizer's length).
+        """
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        pipe, encoder = self.pipe, self.pipe.text_encoder
+        if isinstance(pipe, TextualInversionLoaderMixin):
+            text = pipe.maybe_convert_prompt(text, pipe.tokenizer)
+        tokens = pipe.tokenizer(
+            text,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = (
+            tokens.attention_mask.to(self.device)
+            if getattr(encoder.config, "use_attention_mask", False)
+            else None
+        )
+        out = encoder(tokens.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True)
+        # hidden_states: the token embeddings, then each layer's output; the last layer's is [-1].
+        hidden = out.hidden_states[-(clip_skip + 1)]
+        norm = (
+            encoder.text_model.final_layer_norm
+            if hasattr(encoder, "text_model")
+            else encoder.final_layer_norm
+        )
+        return norm(hidden).to(encoder.dtype)
+
     def _negative(self, job: FrameJob) -> Entry:
         cond = job.recipe["neg"]
-        entry = conditioning(cond, self.embeddings)
+        entry = conditioning(cond, self.embeddings, self._shared)
         # SDXL uses zeros, not the encoding of "", for an empty negative prompt (force_zeros_for_empty_prompt).
         if (
             self.family == "sdxl"
@@ -306,7 +346,7 @@ class FrameRenderer:
     def denoise(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> list[Image.Image]:
         recipe = jobs[0].recipe  # scalars and mode are equal across a batch (see batch_group)
         scalars, mode = recipe["scalars"], recipe["mode"]
-        conds = [conditioning(j.recipe["cond"], self.embeddings) for j in jobs]
+        conds = [conditioning(j.recipe["cond"], self.embeddings, self._shared) for j in jobs]
         kwargs: dict[str, Any] = {
             "num_inference_steps": self.scene.steps,
             "guidance_scale": float(scalars["guidance"]),
@@ -353,7 +393,14 @@ class FrameRenderer:
             kwargs.update(height=self.scene.height, width=self.scene.width)
         if name == "txt2img":
             return pipe(latents=latents, **kwargs).images
-        with injected_noise(pipe, latents):
+        with injected_noise(pipe, latents), warnings.catch_warnings():
+            # depth2img runs its depth estimator under torch.autocast(dtype=the model's dtype); in
+            # float32 torch says it disables autocast, which is what we want: not news for the user.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"In \w+ autocast, but the target dtype is not supported",
+                category=UserWarning,
+            )
             return pipe(**kwargs).images
 
     def render_batch(self, batch: Sequence[FrameJob]) -> list[bytes]:

@@ -12,19 +12,21 @@ one we wrote for that key, it is left alone.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.assemble import clean_partials, write_output
+from pipeline.assemble import clean_partials, is_frame_file, name_length_problem, write_output
 from pipeline.cache import CacheDir, record_key
 from pipeline.environment import RenderEnv, input_files
 from pipeline.keys import key_of
@@ -34,6 +36,24 @@ from pipeline.scene import Output, Scene, output_kind
 from pipeline.yamlio import SceneError
 
 ASSEMBLE_VERSION = 1
+# Frames per pipeline call by device: small on CPU (no gain from more), larger on a GPU.
+DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a progress callback is handed: as frames are stored or found done (stage "frames"), and
+    once the outputs are written (stage "outputs").
+
+    ``keys`` are the frame keys this process has just rendered and stored (empty for frames that were
+    cached or rendered by another process sharing the cache, and for outputs).
+    """
+
+    stage: str  # "frames" or "outputs"
+    done: int
+    total: int
+    rendered: int
+    keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,34 +65,86 @@ class Target:
     path: Path
 
 
-def check_outputs(scene: Scene, out_dir: Path) -> list[Target]:
-    """Where each output goes. Raises :class:`SceneError` for any output that would land on the scene,
-    on one of its inputs, or outside ``out_dir`` (symlinks resolved), pointing at the output's line."""
+class Targets(list[Target]):
+    """The outputs of one run, in scene order, and the folder they were checked against."""
+
+    def __init__(self, targets: list[Target], out_dir: Path):
+        super().__init__(targets)
+        self.out_dir = out_dir
+
+
+def check_outputs(scene: Scene, out_dir: Path) -> Targets:
+    """Where each output goes. Raises :class:`SceneError`, pointing at the output's line, for any output
+    that would land on the scene, on one of its inputs, or outside ``out_dir`` (symlinks resolved); that
+    is the same file as another output, or inside another output (a file in a frames folder); or whose
+    name is too long for the file system once the temporary name it is written under is counted."""
     out_dir = out_dir.resolve()
     protected = {scene.path.resolve()} | {scene.resolve(rel) for rel in input_files(scene)}
+    outputs = scene.effective_outputs()
     targets, problems = [], []
-    for i, out in enumerate(scene.effective_outputs()):
+    claimed = _Claimed()
+    for i, out in enumerate(outputs):
         kind = output_kind(out)
         assert kind is not None  # validated with the scene
-        path = (out_dir / out.path).resolve()
+        at = ("outputs", i)
+        try:
+            path = (out_dir / out.path).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte or a lone surrogate, if validation let one by
+            problems.append(scene.problem(at, f"output '{out.path}' is not a usable file name: {exc}"))
+            continue
         if not path.is_relative_to(out_dir):
             problems.append(
                 scene.problem(
-                    ("outputs", i),
-                    f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}",
+                    at, f"output '{out.path}' resolves to {path}, outside the output folder {out_dir}"
                 )
             )
         elif path in protected or (kind == "frames" and any(p.is_relative_to(path) for p in protected)):
             problems.append(
                 scene.problem(
-                    ("outputs", i),
+                    at,
                     f"output '{out.path}' would overwrite {path}, the scene or one of its inputs; choose another path or --out",
                 )
             )
+        elif (clash := claimed.overlap(path)) is not None:
+            j, how = clash
+            problems.append(
+                scene.problem(
+                    at,
+                    f"output {i + 1} '{out.path}' {how} output {j + 1} '{outputs[j].path}', so one would "
+                    "overwrite the other; give each output its own path, none inside another output's folder",
+                )
+            )
+        elif (why := name_length_problem(path, kind, scene.total_frames)) is not None:
+            problems.append(scene.problem(at, f"output {i + 1} cannot be written: {why}"))
+        claimed.add(path, i)
         targets.append(Target(out, kind, path))
     if problems:
         raise SceneError(problems)
-    return targets
+    return Targets(targets, out_dir)
+
+
+class _Claimed:
+    """Resolved output paths seen so far, to find two outputs that would write over each other."""
+
+    def __init__(self) -> None:
+        self.paths: dict[Path, int] = {}  # output path -> its index
+        self.folders: dict[Path, int] = {}  # every folder above an output path -> the first output below it
+
+    def overlap(self, path: Path) -> tuple[int, str] | None:
+        """(index, how) of an earlier output that ``path`` is, lies inside, or contains; else None."""
+        if path in self.paths:
+            return self.paths[path], "is the same path as"
+        for parent in path.parents:
+            if parent in self.paths:
+                return self.paths[parent], "lies inside"
+        if path in self.folders:
+            return self.folders[path], "is a folder that holds"
+        return None
+
+    def add(self, path: Path, index: int) -> None:
+        self.paths.setdefault(path, index)
+        for parent in path.parents:
+            self.folders.setdefault(parent, index)
 
 
 class CachedFrames(Sequence[Any]):
@@ -96,7 +168,7 @@ class CachedFrames(Sequence[Any]):
         return Image.open(io.BytesIO(blob)).convert("RGB")
 
 
-def _settings(scene: Scene, target: Target) -> dict[str, Any]:
+def _settings(scene: Scene, target: Target, frames: int) -> dict[str, Any]:
     out = target.output
     fps = out.fps or scene.fps
     if target.kind == "mp4":
@@ -104,10 +176,9 @@ def _settings(scene: Scene, target: Target) -> dict[str, Any]:
     if target.kind == "gif":
         return {"fps": fps, "rubber_band": out.rubber_band, "loop": out.loop}
     if target.kind == "grid":
-        cols = out.cols or (
-            scene.grid.cols if scene.grid else max(1, round(len(scene.keyframes) ** 0.5) or 1)
-        )
-        return {"cols": cols}
+        # A grid scene's sheet has the grid's own columns; any other is as square as the frames allow,
+        # as the Keras example's plot_grid lays out its grid_size x grid_size images.
+        return {"cols": out.cols or (scene.grid.cols if scene.grid else math.ceil(math.sqrt(frames)))}
     return {}
 
 
@@ -119,7 +190,7 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
     for target in targets:
         target.path.parent.mkdir(parents=True, exist_ok=True)
         clean_partials(target.path.parent)  # temporary files of a run killed while writing outputs
-        settings = _settings(scene, target)
+        settings = _settings(scene, target, len(keys))
         out_key = key_of(
             {
                 "kind": "output",
@@ -140,16 +211,68 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
     return status
 
 
-def _stamp(path: Path) -> list[int] | None:
-    """Size and mtime of an output file (or of a frames folder's newest file): was it touched since?"""
+def _stamp(path: Path) -> list[int] | str | None:
+    """What the file system says of an output as we left it; any change to what it holds changes it.
+
+    A file: size, mtime, ctime and inode. The ctime matters: ``cp -p`` or ``touch -r`` can put back an
+    old mtime, but the kernel sets the ctime to now on every write and nobody can set it back; a file
+    moved or hard-linked into place has another inode. A frames folder: a sha256 over the same four
+    numbers and the name of every ``frame_*.png`` in it, so one frame replaced by another (even of the
+    same size and mtime), added or removed is noticed. Only metadata is read, never the frames: a
+    no-op re-run of a long scene stays a few stat calls per frame. A change of metadata alone
+    (chmod, a hard link) rewrites the output once; it never leaves a stale one.
+    """
     try:
         if path.is_dir():
-            stats = [p.stat() for p in path.glob("frame_*.png")]
-            return [len(stats), max((s.st_mtime_ns for s in stats), default=0)]
+            digest = hashlib.sha256()
+            with os.scandir(path) as entries:
+                for name, st in sorted((e.name, e.stat()) for e in entries if is_frame_file(e.name)):
+                    digest.update(
+                        f"{name} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}\n".encode()
+                    )
+            return digest.hexdigest()
         st = path.stat()
-        return [st.st_size, st.st_mtime_ns]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     except OSError:
         return None
+
+
+def left_behind(scene: Scene, targets: Targets, cache: CacheDir) -> list[str]:
+    """A note for each file in the output folder that an earlier run wrote and this one no longer does.
+
+    Such a file is left as is (it may be wanted; deleting files is not a renderer's business), but it
+    no longer follows the scene, so it must not pass without a word. Two kinds: the default MP4, GIF
+    (and grid image) of a scene that now lists ``outputs:``, and any output an earlier run of this
+    scene into this folder wrote that is no longer listed (remembered in the cache's records; a
+    file is remembered until it is gone).
+    """
+    current = {t.path for t in targets}
+    defaults: list[Path] = []
+    if scene.outputs is not None:
+        # The outputs the scene would have without its list (effective_outputs keeps that rule in one place).
+        unlisted = scene.model_copy(update={"outputs": None})
+        defaults = [(targets.out_dir / out.path).resolve() for out in unlisted.effective_outputs()]
+    rec_key = record_key("outputs of", str(scene.path.resolve()), str(targets.out_dir))
+    record = cache.records.get_json(rec_key)
+    earlier = [Path(p) for p in record.get("paths", [])] if isinstance(record, dict) else []
+    notes, kept = [], []
+    for path in dict.fromkeys([*defaults, *earlier]):
+        if path in current or not path.exists():
+            continue
+        kept.append(path)
+        why = (
+            "its 'outputs:' list replaces the default outputs"
+            if path in defaults
+            else "it was taken off 'outputs:'"
+        )
+        notes.append(
+            f"{path} is no longer an output of this scene ({why}); the file from an earlier run was left as is "
+            "and is not updated any more"
+        )
+    remembered = sorted(str(p) for p in [*current, *kept])
+    if record != {"paths": remembered} and not cache.records.readonly:
+        cache.records.put_json(rec_key, {"paths": remembered})
+    return notes
 
 
 def readable_frames(cache: CacheDir, plan: Plan) -> set[str]:
@@ -176,13 +299,21 @@ def run(
     *,
     batch_size: int | None,
     quiet: bool = False,
+    make_renderer: Callable[[], Any],
+    progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, Any]:
-    """Render what is missing, store each frame as it finishes, then write the outputs."""
+    """Render what is missing, store each frame as it finishes, then write the outputs.
+
+    ``make_renderer()`` builds the batch renderer (loading the model) the first time a frame must
+    render; ``progress`` is called with a :class:`Progress` after each step.
+    """
     renderer: Renders | None = None
     for _attempt in range(3):
         todo = {job.key: job for job in plan if job.key not in cached}
         if todo:
-            renderer = renderer or Renders(scene, env, ref, plan, cache, batch_size, quiet)
+            renderer = renderer or Renders(
+                plan, cache, make_renderer(), env.device, batch_size, quiet, progress
+            )
             renderer.run(list(todo.values()), len(plan) - len(todo))
         try:
             status = assemble(scene, plan, cache, targets)
@@ -192,8 +323,11 @@ def run(
             cached = readable_frames(cache, plan)
     else:
         raise RuntimeError("frames keep disappearing from the cache while outputs are written")
+    notes = left_behind(scene, targets, cache) if isinstance(targets, Targets) else []
     # Frames this process rendered; the rest came from the cache (or from another render sharing it).
     rendered = sum(1 for job in plan if renderer and job.key in renderer.rendered)
+    if progress is not None:
+        progress(Progress("outputs", len(plan), len(plan), rendered))
     return {
         "scene": str(scene.path),
         "frames": len(plan),
@@ -203,6 +337,7 @@ def run(
         "embeddings_encoded": renderer.encoded if renderer else 0,
         "outputs": [str(t.path) for t in targets],
         "output_status": status,
+        "notes": notes,
         "device": env.device,
         "dtype": env.dtype,
         "model": env.model,
@@ -223,48 +358,59 @@ class Renders:
 
     def __init__(
         self,
-        scene: Scene,
-        env: RenderEnv,
-        ref: ModelRef,
         plan: Plan,
         cache: CacheDir,
+        renderer: Any,
+        device: str,
         batch_size: int | None,
         quiet: bool,
+        progress: Callable[[Any], None] | None = None,
     ):
-        from pipeline.models import load_pipeline
-        from pipeline.renderer import FrameRenderer, configure, default_batch_size
-
         self.plan = plan
         self.cache = cache
-        pipe = configure(load_pipeline(ref, device=env.device, dtype=env.dtype), scene)
-        self.renderer = FrameRenderer(pipe, scene, plan, cache, device=env.device, dtype=env.dtype)
-        self.batch_size = batch_size or default_batch_size(env.device)
+        self.renderer = renderer  # anything with render_batch(jobs) -> [PNG bytes] (pipeline.app)
+        self.batch_size = batch_size or DEFAULT_BATCH.get(device, 4)
         self.quiet = quiet
-        self.rendered: set[str] = (
-            set()
-        )  # keys this process rendered (others sharing the cache render the rest)
+        self.progress = progress
+        # Keys this process rendered (others sharing the cache render the rest).
+        self.rendered: set[str] = set()
+        self.done = 0  # frames counted done (cached, rendered here or elsewhere)
         self.stop_requested = False
-        self.log = os.environ.get("SD_SCENES_RENDER_LOG")  # debugging aid: one line per stored frame
 
     @property
     def encoded(self) -> int:
-        return self.renderer.encoded
+        return int(getattr(self.renderer, "encoded", 0))
 
     def run(self, jobs: list[Any], already: int) -> None:
+        import errno
+
         from tqdm import tqdm
 
+        from pipeline.cache import CacheReadOnly
         from pipeline.claims import Claims
 
-        claims = Claims(self.cache.records)
+        if self.cache.readonly:
+            raise CacheReadOnly(
+                errno.EROFS,
+                f"the cache is read-only ({self.cache.readonly_reason}); {len(jobs)} frames are not "
+                "cached and cannot be stored: render into a cache you can write (--cache-dir)",
+                str(self.cache.path),
+            )
+        claims = Claims(self.cache.records)  # leases, renewed by a heartbeat while we render
         per_key = Counter(job.key for job in self.plan)  # a held frame repeats one key
-        bar = tqdm(
-            total=len(self.plan),
-            initial=already,
-            unit="frame",
-            disable=self.quiet or None,
-            file=sys.stderr,
-            dynamic_ncols=True,
+        frames_of: dict[str, list[int]] = {}  # frame numbers by key, for the waiting notice
+        bar = _Bar(
+            tqdm(
+                total=len(self.plan),
+                initial=already,
+                unit="frame",
+                disable=self.quiet or None,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ),
+            self,
         )
+        self.done = already
         bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
         queue = _ReadyQueue(jobs)
         elsewhere: dict[
@@ -276,6 +422,7 @@ class Renders:
                 batch = queue.next_batch(self.batch_size)
                 if batch:
                     mine = set(claims.claim(job.key for job in batch))
+                    _say_takeovers(claims)
                     # A frame another process finished (and released) since we looked is done already.
                     finished = self.cache.frames.present(mine)
                     for job in batch:
@@ -303,13 +450,22 @@ class Renders:
                     del elsewhere[key]
                     queue.finish(key)
                     bar.update(per_key[key])
-                retake = claims.claim(list(elsewhere))  # owners that died: their frames are ours now
+                retake = claims.claim(list(elsewhere))  # void claims (owner gone, lease out): ours now
                 for key in retake:
                     queue.put_back(elsewhere.pop(key))
                 claims.release(retake)  # claimed again, batch by batch, when they come up
+                _say_takeovers(claims)
+                if elsewhere:
+                    # Said even with -q: a run that waits without a word looks hung.
+                    if not frames_of:
+                        for job in self.plan:
+                            frames_of.setdefault(job.key, []).append(job.frame)
+                    for line in claims.wait_notice({key: frames_of[key] for key in elsewhere}):
+                        tqdm.write(line, file=sys.stderr)
                 if not retake and queue.remaining:
                     time.sleep(self.POLL_S)
         finally:
+            _quietly(claims.close)  # stops the heartbeat; releases what an error left claimed
             bar.close()
             if previous_handler is not None:
                 # Once stopping, further Ctrl-Cs are ignored until the process has exited cleanly.
@@ -341,9 +497,14 @@ class Renders:
             # Stored at once: a run killed after this line resumes without rendering this frame again.
             self.cache.frames.put(job.key, png)
             self.rendered.add(job.key)
-            if self.log:
-                with open(self.log, "a") as f:
-                    f.write(f"{job.key} {os.getpid()}\n")
+            if self.progress is not None:
+                # Told at once, frame by frame: an observer knows of every frame stored before a kill.
+                self._tell((job.key,))
+
+    def _tell(self, keys: tuple[str, ...]) -> None:
+        """Hand the progress callback where the run stands (``keys``: frames just stored here)."""
+        assert self.progress is not None
+        self.progress(Progress("frames", self.done, len(self.plan), len(self.rendered), keys))
 
     def _catch_sigint(self) -> Any:
         """First Ctrl-C: finish the batch in flight, then stop. Second: stop now (further ones ignored)."""
@@ -358,6 +519,26 @@ class Renders:
             print("\nstopping after the frames in flight (Ctrl-C again to stop now)", file=sys.stderr)
 
         return signal.signal(signal.SIGINT, handler)
+
+
+class _Bar:
+    """The progress bar, and the progress callback beside it: both hear of every frame done."""
+
+    def __init__(self, bar: Any, renders: Renders):
+        self.bar = bar
+        self.renders = renders
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.renders.done += n
+        if self.renders.progress is not None:
+            self.renders._tell(())
+
+    def set_postfix_str(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _ReadyQueue:
@@ -392,6 +573,20 @@ class _ReadyQueue:
         self.remaining.pop(key, None)
         for job in self.waiting.pop(key, []):
             self.put_back(job)
+
+
+def _say_takeovers(claims: Any) -> None:
+    """Say which void claims of other processes are ours now, one line per owner (even with -q)."""
+    from tqdm import tqdm
+
+    owners: dict[str, tuple[int, str]] = {}
+    for old, why in claims.taken_over:
+        count, first_why = owners.get(old.describe(), (0, why))
+        owners[old.describe()] = (count + 1, first_why)
+    for claimed, (count, why) in owners.items():
+        frames = "a frame" if count == 1 else f"{count} frames"
+        tqdm.write(f"taking over {frames} {claimed}: {why}", file=sys.stderr)
+    claims.taken_over.clear()
 
 
 def _quietly(fn: Any, *args: Any) -> None:

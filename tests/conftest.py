@@ -50,15 +50,19 @@ def plan_text(make_env: Callable[..., RenderEnv]) -> Callable[..., Plan]:
     return run
 
 
-def run_render(scene: Path, cache: Path, *extra: str) -> dict[str, Any]:
-    """Render ``scene`` through the real CLI in this process; returns its ``--report`` JSON."""
+def run_render(scene: Path, cache: Path, *extra: str, progress: Any = None) -> dict[str, Any]:
+    """Render ``scene`` through the real CLI in this process; returns its ``--report`` JSON.
+
+    ``progress`` is handed to the API (``pipeline.cli.main(progress=...)``)."""
     import json
 
     from pipeline.cli import main
 
     report = scene.parent / "report.json"
     with pytest.raises(SystemExit) as exc:
-        main([str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra])
+        main(
+            [str(scene), "--cache-dir", str(cache), "--report", str(report), "-q", *extra], progress=progress
+        )
     assert exc.value.code in (0, None), f"render exited with {exc.value.code}"
     return json.loads(report.read_text())
 

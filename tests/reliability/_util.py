@@ -1,8 +1,9 @@
 """Helpers for the reliability tests: scenes, render subprocesses, the render log, output decoding.
 
-The tests start ``python render.py`` as real subprocesses (kill -9, Ctrl-C and concurrency can only be
-tested that way) with ``SD_SCENES_RENDER_LOG`` set, so every stored frame leaves one line
-``<frame key> <pid>`` behind: that log is how the tests count renders.
+The tests start ``render.py`` as real subprocesses (kill -9, Ctrl-C and concurrency can only be
+tested that way) through ``_logged_render.py``, which hands the API a progress callback
+(:func:`frame_logger`), so every stored frame leaves one line ``<frame key> <pid>`` behind: that log
+is how the tests count renders.
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+# render.py plus a log of every frame stored: ``[*LOGGED_RENDER, LOG, SCENE, ...]``.
+LOGGED_RENDER = [sys.executable, str(Path(__file__).with_name("_logged_render.py"))]
+
+
+def frame_logger(log: Path) -> Callable[[Any], None]:
+    """A progress callback (``pipeline.app.Progress``) that appends ``<key> <pid>`` per stored frame."""
+    pid = os.getpid()
+
+    def progress(event: Any) -> None:
+        if event.keys:
+            with open(log, "a") as f:
+                f.write("".join(f"{key} {pid}\n" for key in event.keys))
+
+    return progress
+
 
 SCENE = """\
 model: tiny
@@ -77,8 +93,8 @@ class Render:
         self.stdout_path = workdir / f"{stamp}.stdout"
         self.stderr_path = workdir / f"{stamp}.stderr"
         self.args = [
-            sys.executable,
-            "render.py",
+            *LOGGED_RENDER,
+            str(log),
             str(scene),
             "--cache-dir",
             str(cache),
@@ -94,7 +110,7 @@ class Render:
                 stdout=so,
                 stderr=se,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "SD_SCENES_RENDER_LOG": str(log), **(env or {})},
+                env={**os.environ, **(env or {})},
                 # Its own process group: ffmpeg children orphaned by a kill -9 can be cleaned up at the end.
                 start_new_session=True,
             )

@@ -17,6 +17,7 @@ import pytest
 from tests.reliability._util import (
     Render,
     assert_same_frames,
+    frame_logger,
     gif_frames,
     mp4_frames,
     plan_keys,
@@ -99,9 +100,8 @@ def render_with_a_batch_finished_elsewhere(
         return real_claim(self, keys)
 
     log = tmp_path / "render.log"
-    monkeypatch.setenv("SD_SCENES_RENDER_LOG", str(log))
     monkeypatch.setattr(Claims, "claim", claim)
-    report = run_render(scene, tmp_path / "cache", "--batch-size", "4")
+    report = run_render(scene, tmp_path / "cache", "--batch-size", "4", progress=frame_logger(log))
     assert len(injected) == 4
     return report, injected, {key for key, _ in read_log(log)}
 

@@ -33,7 +33,15 @@ from PIL import Image
 
 from pipeline.cache import CacheDir, Store
 from pipeline.cli import main
-from tests.reliability._util import ROOT, gif_frames, mp4_frames, partials, read_log, write_scene
+from tests.reliability._util import (
+    ROOT,
+    frame_logger,
+    gif_frames,
+    mp4_frames,
+    partials,
+    read_log,
+    write_scene,
+)
 
 FRAMES = 24
 FAIL_AFTER = 10  # frames stored before the disk is full
@@ -41,10 +49,16 @@ ENOSPC_TEXT = "No space left on device"
 
 
 def cli(
-    scene: Path, cache: Path, out: Path, capsys: pytest.CaptureFixture[str], *extra: str
+    scene: Path,
+    cache: Path,
+    out: Path,
+    capsys: pytest.CaptureFixture[str],
+    *extra: str,
+    log: Path | None = None,
 ) -> tuple[Any, str]:
     """Run the CLI in this process: (exit code, stderr). An exception escaping ``main`` is a traceback for a
-    user; it is returned as the code ``'uncaught <type>: <message>'`` so assertions say what happened."""
+    user; it is returned as the code ``'uncaught <type>: <message>'`` so assertions say what happened.
+    With ``log``, every frame stored is logged there (``frame_logger``)."""
     capsys.readouterr()
     try:
         main(
@@ -58,7 +72,8 @@ def cli(
                 "--report",
                 str(out.parent / "report.json"),
                 *extra,
-            ]
+            ],
+            progress=frame_logger(log) if log is not None else None,
         )
         code: Any = 0
     except SystemExit as exc:
@@ -124,10 +139,9 @@ def _frame_store_full(
 ) -> None:
     scene = write_scene(tmp_path / "scenes", FRAMES)
     cache, out, log = tmp_path / "cache", tmp_path / "out", tmp_path / "render.log"
-    monkeypatch.setenv("SD_SCENES_RENDER_LOG", str(log))
     with monkeypatch.context() as patch:
         fill_frames_store_after(patch, FAIL_AFTER, error)
-        code, stderr = cli(scene, cache, out, capsys, "--batch-size", "4")
+        code, stderr = cli(scene, cache, out, capsys, "--batch-size", "4", log=log)
     assert code == 1, f"exit {code!r}; stderr:\n{stderr}"
     assert ENOSPC_TEXT in stderr or "disk is full" in stderr, stderr
     assert "frames finished so far are cached" in stderr
@@ -138,7 +152,7 @@ def _frame_store_full(
     check_stored_frames_readable(cache, stored)
 
     # Without the fault, the next run renders only the missing frames.
-    code, stderr = cli(scene, cache, out, capsys, "--batch-size", "4")
+    code, stderr = cli(scene, cache, out, capsys, "--batch-size", "4", log=log)
     assert code == 0, stderr
     assert (report(out)["rendered"], report(out)["cached"]) == (FRAMES - FAIL_AFTER, FAIL_AFTER)
     counts = Counter(key for key, _ in read_log(log))
@@ -288,11 +302,11 @@ def test_real_full_disk_under_the_cache(tmp_path: Path) -> None:
     scene = write_scene(tmp_path / "scenes", frames)
     out, log, res = tmp_path / "out", tmp_path / "render.log", tmp_path / "res"
     res.mkdir()
-    render = f'"$PY" render.py "{scene}" --cache-dir "$MNT/cache" --out "{out}" -q --batch-size 4'
+    logged = f'"$PY" tests/reliability/_logged_render.py "{log}"'
+    render = f'{logged} "{scene}" --cache-dir "$MNT/cache" --out "{out}" -q --batch-size 4'
     in_tmpfs(
         tmp_path,
         f"""
-export SD_SCENES_RENDER_LOG="{log}"
 # The disk fills up once {FAIL_AFTER // 2} or more frames are stored.
 {render} 2>"{res}/stderr" & pid=$!
 n=0

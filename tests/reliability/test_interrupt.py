@@ -7,6 +7,7 @@ finishes the batch in flight and stops; a second one stops at once", "(further o
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import time
 from collections import Counter
@@ -58,7 +59,8 @@ def test_ctrl_c_finishes_the_batch_in_flight_then_exits_130(tmp_path: Path) -> N
     stderr = run.stderr
     assert code == 130, stderr
     assert "run the same command again" in stderr
-    assert f"python render.py {scene}" in stderr
+    # The hint repeats this run's own options, so the resumed run writes to the same places.
+    assert shlex.join([str(scene), "--cache-dir", str(cache), "--out", str(out), "-q"]) in stderr
     assert "Traceback" not in stderr
     after = count_lines(log)
     assert after - at_signal <= BATCH, f"{after - at_signal} frames stored after Ctrl-C, batches are {BATCH}"

@@ -1,0 +1,436 @@
+"""The application: one scene from its source to its outputs. The CLI, the tests and the benchmarks all
+go through this API; nothing else strings the stages together.
+
+::
+
+    import pipeline
+
+    session = pipeline.open("scenes/dog_cat.yaml")       # a path, YAML text, or a dict
+    if session.problems:                                 # the located problems the CLI prints
+        print(*session.problems, sep="\\n")
+    plan = session.plan()                                # one FrameJob per frame, with its key
+    [f.status for f in session.status()]                 # 'cached', 'not rendered yet', 'changed: ...'
+    report = session.render(progress=print)             # renders what is missing, writes outputs
+    images = session.frames()                            # the frames as PIL images
+
+A frame travels: ``open`` validates the scene (``pipeline.scene``) and its outputs (``pipeline.run``)
+-> ``plan`` resolves the model and environment without torch (``pipeline.environment``) and expands the
+scene into keyed jobs (``pipeline.planner``) -> ``render`` renders the jobs not in the cache
+(``pipeline.run.Renders`` with ``pipeline.renderer``) and writes the outputs (``pipeline.assemble``).
+
+Every input is checked before any model loads, and nothing is written until every input has passed.
+A renderer can be injected (``session.render(renderer=...)``): an object with ``render_batch(jobs) ->
+list[PNG bytes]``, or a factory called with a :class:`RenderSetup` that can also build the real one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from pipeline.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.environment import RenderEnv, resolve_env
+from pipeline.history import frame_status, load_plan, save_plan
+from pipeline.models import ModelError, ModelRef, resolve_model
+from pipeline.paths import default_cache_dir
+from pipeline.planner import FrameJob, Plan, plan
+from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
+from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
+from pipeline.yamlio import Problem, SceneError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class OptionProblem:
+    """A problem with an option of the run (not with the scene file): ``--device: 'tpu' is not allowed``."""
+
+    option: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.option}: {self.message}"
+
+
+class InputError(Exception):
+    """Bad input (scene, option, model): nothing was written. The CLI prints ``problems`` and exits 2."""
+
+    def __init__(self, problems: list[Any]):
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+class RenderError(Exception):
+    """A failure while rendering (disk full, permissions). Finished frames stay cached; exit 1."""
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class FrameStatus:
+    """One frame of the plan: its key and whether it is cached, or why not."""
+
+    frame: int
+    key: str
+    cached: bool
+    status: str
+
+
+@dataclass
+class Report:
+    """What a render did; ``to_dict()`` is the ``--report`` JSON."""
+
+    scene: str
+    frames: int
+    rendered: int
+    cached: int
+    renders: int
+    embeddings_encoded: int
+    outputs: list[str]
+    output_status: dict[str, str]
+    device: str
+    dtype: str
+    model: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BatchRenderer(Protocol):
+    """Renders frames of one plan: PNG bytes per job, in order. ``encoded`` counts embeddings encoded."""
+
+    encoded: int
+
+    def render_batch(self, jobs: list[FrameJob]) -> list[bytes]: ...
+
+
+@dataclass
+class RenderSetup:
+    """What a renderer factory is given; ``default()`` loads the model and builds the real renderer."""
+
+    scene: Scene
+    env: RenderEnv
+    ref: ModelRef
+    plan: Plan
+    cache: CacheDir
+
+    def default(self) -> BatchRenderer:
+        from pipeline.models import load_pipeline  # imports torch: only when a frame must render
+        from pipeline.renderer import FrameRenderer, configure
+
+        env = self.env
+        pipe = configure(load_pipeline(self.ref, device=env.device, dtype=env.dtype), self.scene)
+        return FrameRenderer(pipe, self.scene, self.plan, self.cache, device=env.device, dtype=env.dtype)
+
+
+RendererArg = BatchRenderer | Callable[[RenderSetup], BatchRenderer] | None
+
+
+def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
+    source: str | Path | Mapping[str, Any],
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    allow_outside_inputs: bool = False,
+    base_dir: str | Path | None = None,
+    name: str = "scene",
+) -> Session:
+    """Open a scene from a file path, YAML text, or a dict (the parsed form of a scene file).
+
+    Text and dicts are placed in ``base_dir`` (default: the current folder) as if they were the file
+    ``<name>.yaml`` there: their relative input paths and default outputs are read from there.
+    Problems are collected, not raised: see :attr:`Session.problems`.
+    """
+    return Session(
+        source,
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        out_dir=Path(out_dir) if out_dir is not None else None,
+        allow_outside_inputs=allow_outside_inputs,
+        base_dir=Path(base_dir) if base_dir is not None else None,
+        name=name,
+    )
+
+
+class Session:
+    """One scene with the options of a run. Cheap to open; each step does only what it needs."""
+
+    def __init__(
+        self,
+        source: str | Path | Mapping[str, Any],
+        *,
+        model: str | None,
+        device: str,
+        batch_size: int | None,
+        cache_dir: Path | None,
+        out_dir: Path | None,
+        allow_outside_inputs: bool,
+        base_dir: Path | None,
+        name: str,
+    ):
+        self.model = model
+        self.device = device
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.scene: Scene | None = None
+        self.targets: list[Target] = []
+        self._problems: list[Any] = self._option_problems()
+        self._resolved: tuple[ModelRef, RenderEnv] | None = None
+        self._plan: Plan | None = None
+        self._checked_model = False
+        self._memo_changes: dict[str, Any] | None = None
+        try:
+            self.scene = _load(source, allow_outside_inputs, base_dir, name)
+            outputs_dir = (out_dir or self.scene.base_dir / "renders" / self.scene.name).resolve()
+            self.out_dir = outputs_dir
+            self.targets = check_outputs(self.scene, outputs_dir)
+        except SceneError as exc:
+            self._problems = list(exc.problems) + self._problems
+
+    # 1. Problems: the scene's, the options', then the model's (read from disk, no torch).
+    @property
+    def problems(self) -> list[Any]:
+        """Every problem found, each printable as the CLI prints it; [] when the scene can render."""
+        if not self._problems and not self._checked_model:
+            self._checked_model = True
+            try:
+                self._resolve()
+            except InputError as exc:
+                self._problems = exc.problems
+        return list(self._problems)
+
+    def _option_problems(self) -> list[OptionProblem]:
+        problems = []
+        if self.device not in DEVICES:
+            problems.append(
+                OptionProblem("--device", f"'{self.device}' is not allowed; allowed: {', '.join(DEVICES)}")
+            )
+        if self.batch_size is not None and not 1 <= self.batch_size <= 1024:
+            problems.append(
+                OptionProblem(
+                    "--batch-size", f"{self.batch_size} is not allowed; use a whole number from 1 to 1024"
+                )
+            )
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            problems.append(OptionProblem("--cache-dir", f"{self.cache_dir} is a file, not a folder"))
+        return problems
+
+    def _require(self) -> Scene:
+        if self.problems:
+            raise InputError(self._problems)
+        assert self.scene is not None
+        return self.scene
+
+    def _resolve(self) -> tuple[ModelRef, RenderEnv]:
+        """The model and environment (fingerprints, input hashes, device), read-only on the cache."""
+        if self._resolved is None:
+            scene = self.scene
+            assert scene is not None
+            cache = open_cache(self.cache_dir, writable=False)
+            try:
+                memo = _memo(cache)
+                before = dict(memo)
+                try:
+                    # A model named on the command line is relative to the current folder, not the scene.
+                    base = Path.cwd() if self.model else scene.base_dir
+                    ref = resolve_model(self.model or scene.model, base, revision=scene.revision, memo=memo)
+                    env = resolve_env(scene, device=self.device, ref=ref)
+                except ModelError as exc:
+                    raise InputError([f"{scene.path}: {exc}"]) from None
+                misfits = check_against_model(
+                    scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index
+                )
+                if misfits:
+                    raise InputError(misfits)
+            finally:
+                if cache is not None:
+                    cache.close()
+            self._memo_changes = memo if memo != before else None
+            self._resolved = (ref, env)
+        return self._resolved
+
+    # 2. Plan: pure, no torch, nothing written.
+    def plan(self) -> Plan:
+        """One job per frame with its key; computed once per session."""
+        self._require()
+        if self._plan is None:
+            self._plan = plan(self._require(), self._resolve()[1])
+        return self._plan
+
+    @property
+    def env(self) -> RenderEnv:
+        self._require()
+        return self._resolve()[1]
+
+    def status(self) -> list[FrameStatus]:
+        """Per frame: cached, or why not (compared with the plan of this scene's last render)."""
+        p = self.plan()
+        cache = open_cache(self.cache_dir, writable=False)
+        try:
+            cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
+            previous = load_plan(cache.records if cache is not None else None, self._require().path)
+        finally:
+            if cache is not None:
+                cache.close()
+        return [
+            FrameStatus(j.frame, j.key, s == "cached", s)
+            for j, s in zip(p, frame_status(p, previous, cached), strict=True)
+        ]
+
+    # 3. Render: the cache may be created and written from here on.
+    def render(
+        self,
+        *,
+        progress: ProgressFn | None = None,
+        renderer: RendererArg = None,
+        quiet: bool = True,
+        on_start: Callable[[RenderSetup], None] | None = None,
+    ) -> Report:
+        """Render the frames that are not cached, store each as it finishes, write changed outputs.
+
+        ``quiet=False`` shows a progress bar on stderr. ``on_start`` is called once everything is
+        checked and before the first frame renders (the CLI prints its notes there). Raises
+        :class:`InputError` (nothing written), :class:`RenderError` (finished frames kept) or
+        ``KeyboardInterrupt`` (Ctrl-C: finished frames kept; call again to resume).
+        """
+        scene = self._require()
+        ref, env = self._resolve()
+        p = self.plan()
+        cache = open_cache(self.cache_dir, writable=True)
+        assert cache is not None
+        try:
+            cached = readable_frames(cache, p)
+            if self._memo_changes is not None:
+                cache.records.put_json(record_key("file-digests"), self._memo_changes)
+            if self.device == "auto" and any(j.key not in cached for j in p):
+                # Rendering imports torch anyway: let it confirm the device guessed without it.
+                from pipeline.models import torch_device
+
+                actual = torch_device()
+                if actual != env.device:
+                    env = resolve_env(scene, device=actual, ref=ref)
+                    p = self._plan = plan(scene, env)
+                    self._resolved = (ref, env)
+                    cached = readable_frames(cache, p)
+            setup = RenderSetup(scene, env, ref, p, cache)
+            if on_start is not None:
+                on_start(setup)
+            previous = load_plan(cache.records, scene.path)
+            if (
+                previous is None
+                or previous.get("keys") != [j.key for j in p]
+                or previous.get("base") != p.base
+            ):
+                save_plan(cache.records, scene.path, p)  # what --plan compares against to say why
+            started = time.perf_counter()
+            try:
+                result = run(
+                    scene,
+                    env,
+                    ref,
+                    p,
+                    cache,
+                    cached,
+                    self.targets,
+                    batch_size=self.batch_size,
+                    quiet=quiet,
+                    make_renderer=lambda: _make_renderer(renderer, setup),
+                    progress=progress,
+                )
+            except ModelError as exc:
+                raise InputError([f"{scene.path}: {exc}"]) from None
+            except (OSError, sqlite3.Error) as exc:
+                # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
+                raise RenderError(str(exc)) from exc
+        finally:
+            cache.close()
+        known = set(Report.__dataclass_fields__)
+        report = Report(**{k: v for k, v in result.items() if k in known})
+        report.seconds = round(time.perf_counter() - started, 3)
+        return report
+
+    # 4. Frames back as pictures.
+    def frames(self) -> list[Any]:
+        """Every frame of the plan as a PIL image, from the cache. Raises if one is not rendered yet."""
+        p = self.plan()
+        cache = open_cache(self.cache_dir, writable=False)
+        if cache is None:
+            raise RenderError(f"no cache in {self.cache_dir}: render the scene first")
+        with cache:
+            present = cache.frames.present([j.key for j in p])
+            missing = [j.frame for j in p if j.key not in present]
+            if missing:
+                raise RenderError(f"{len(missing)} frames are not rendered yet (first: frame {missing[0]})")
+            return list(CachedFrames(cache, [j.key for j in p]))
+
+
+def _load(
+    source: str | Path | Mapping[str, Any], allow_outside: bool, base_dir: Path | None, name: str
+) -> Scene:
+    """A validated scene from a path, YAML text or a dict."""
+    if isinstance(source, Mapping):
+        text = yaml.safe_dump(dict(source), sort_keys=False, allow_unicode=True)
+        shown = f"<dict {name}>"
+    elif isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml"))):
+        return load_scene(source, allow_outside_inputs=allow_outside)
+    else:
+        text, shown = source, f"<string {name}>"
+    base = (base_dir or Path.cwd()).resolve() / f"{name}.yaml"
+    return parse_scene(text, shown, base_path=base, allow_outside_inputs=allow_outside)
+
+
+def _make_renderer(renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
+    if renderer is None:
+        return setup.default()
+    if hasattr(renderer, "render_batch"):
+        return renderer  # type: ignore[return-value]
+    return renderer(setup)  # type: ignore[operator]
+
+
+def _memo(cache: CacheDir | None) -> dict[str, Any]:
+    """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
+    if cache is None:
+        return {}
+    return dict(cache.records.get_json(record_key("file-digests")) or {})
+
+
+def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
+    """The cache, created if ``writable``; read-only (None if there is none yet) otherwise."""
+    # A cache that may not be written (read-only mount) opens read-only: --plan and fully cached
+    # renders work; a full disk is a failure (exit 1), anything else bad input; hints never advise
+    # clearing an intact store.
+    try:
+        return CacheDir.open(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
+    except CacheUnavailable as exc:
+        if exc.kind == "full":
+            raise RenderError(f"--cache-dir: {exc}\n{exc.hint()}") from None
+        raise InputError([f"--cache-dir: {exc}", exc.hint()]) from None
+
+
+__all__ = [
+    "BatchRenderer",
+    "FrameStatus",
+    "InputError",
+    "OptionProblem",
+    "Problem",
+    "Progress",
+    "RenderError",
+    "RenderSetup",
+    "Report",
+    "Session",
+    "open",
+]

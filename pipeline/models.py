@@ -15,6 +15,7 @@ checkpoint is reused by another with the same text encoder.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -22,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import warnings
 from collections.abc import MutableMapping
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.keys import file_digest
+from pipeline.keys import file_digest, json_digest
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 RANDOM_WEIGHTS_NOTE = (
@@ -121,28 +123,100 @@ def modes_for(pipeline_class: str) -> tuple[str, ...]:
     return ("txt2img", "img2img", "inpaint", "feedback")
 
 
+def embedded_models() -> list[str]:
+    """Names of the models that ship inside the project (random weights, for tests and examples)."""
+    if not EMBEDDED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
+# A Hugging Face repository id: owner/name.
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_spec(spec: str, base_dir: Path) -> str | None:
+    """Why ``spec`` names no model, or None. Torch-free, reads no weights, never uses the network.
+
+    A model is an embedded name, a diffusers folder (relative to ``base_dir``: the scene's folder for
+    ``model:``, the current folder for ``--model``), or a Hugging Face id. The same check, and the
+    same words, for both; the caller puts ``model:`` or ``--model:`` before the message.
+    """
+    names = embedded_models()
+    if spec in names:
+        return None
+    shown = _shorten(spec)
+    try:
+        local = (base_dir / Path(spec).expanduser()).resolve()
+        kind = _path_kind(local)
+    except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop, a NUL byte
+        kind = f"unusable: {getattr(exc, 'strerror', None) or exc}"
+    if kind.startswith("unusable: "):
+        return f"'{shown}' is not a usable path ({kind.removeprefix('unusable: ')})"
+    close = difflib.get_close_matches(spec, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    embedded = f"embedded: {', '.join(names) or 'none'}"
+    if kind == "missing" and not spec.startswith((".", "/", "~")):
+        if HF_ID.match(spec):
+            return None
+        if spec.startswith("tiny") or close:
+            return f"'{shown}' is not an embedded model; {hint}{embedded}"
+        return (
+            f"'{shown}' is neither an embedded model ({', '.join(names)}), a local diffusers folder, "
+            "nor a Hugging Face id like 'owner/name'"
+        )
+    if kind == "missing":
+        return f"folder '{shown}' not found (looked for {_shorten(str(local))})"
+    if kind != "folder":
+        return f"'{shown}' is not a folder; a model is a diffusers folder with a model_index.json"
+    if _path_kind(local / "model_index.json") != "file":
+        return (
+            f"folder '{shown}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))}); "
+            "point at a folder saved by diffusers' save_pretrained"
+        )
+    return None
+
+
+def _path_kind(path: Path) -> str:
+    """'file', 'folder', 'missing', 'other' (a named pipe...), or 'unusable: why' (a name too long)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except (OSError, ValueError) as exc:
+        return f"unusable: {getattr(exc, 'strerror', None) or exc}"
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """``text`` fit for a message: control characters and lone surrogates escaped, a long one cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def resolve_model(
     spec: str,
-    scene_dir: Path,
+    base_dir: Path,
     *,
     revision: str | None = None,
     memo: MutableMapping[str, Any] | None = None,
 ) -> ModelRef:
-    """Find a model's files and fingerprint them, without importing torch."""
-    embedded = EMBEDDED_DIR / spec
-    if (embedded / "model_index.json").is_file():
-        folder = embedded
-        kind = "embedded"
+    """Find a model's files and fingerprint them, without importing torch.
+
+    ``base_dir`` is what a folder path is relative to: the scene's folder for the scene's ``model:``,
+    the current folder for ``--model``. Raises :class:`ModelError` with the words of
+    :func:`check_model_spec` for a spec that names no model, before any network access.
+    """
+    problem = check_model_spec(spec, base_dir)
+    if problem:
+        raise ModelError(f"model {problem}")
+    if spec in embedded_models():
+        folder = EMBEDDED_DIR / spec
     else:
-        local = (scene_dir / spec).expanduser().resolve()
-        if (local / "model_index.json").is_file():
-            folder, kind = local, "local"
-        elif local.exists() or spec.startswith((".", "/", "~")):
-            raise ModelError(
-                f"model folder '{spec}' has no model_index.json; point at a diffusers pipeline folder"
-            )
-        else:
+        folder = (base_dir / Path(spec).expanduser()).resolve()
+        if not (folder / "model_index.json").is_file():
             return _resolve_hub(spec, revision)
+    # Only the project's own folders hold its random-weight models; any other folder is the user's.
+    kind = "embedded" if folder.resolve().parent == EMBEDDED_DIR else "local"
     # model_index.json is read once: the classes it names and the hash in the fingerprint come from the
     # same bytes, and its stamp is taken before them (see ModelRef.stamps).
     index_path = folder / "model_index.json"
@@ -155,7 +229,8 @@ def resolve_model(
             f"model '{spec}': {index_path} is not valid JSON ({exc}); re-download the model"
         ) from None
     _check_folder(spec, folder, index)
-    fingerprint = {"model_index": hashlib.sha256(raw).hexdigest()}
+    # By what it says, not its layout: re-indenting model_index.json changes no pixel, so no key.
+    fingerprint = {"model_index": json_digest(index)}
     fingerprint.update(_folder_fingerprint(folder, index, memo, stamps))
     return ModelRef(spec, kind, folder, index, fingerprint, revision, stamps)
 

@@ -160,3 +160,13 @@ def file_digest(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def json_digest(data: Any) -> str:
+    """sha256 of parsed JSON re-encoded compactly, keys in their order: what a JSON file says, not its layout.
+
+    Re-indenting a model's ``model_index.json`` changes no pixel, so it must change no key; a key
+    renamed, reordered or given another value does change the digest.
+    """
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

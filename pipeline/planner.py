@@ -37,6 +37,10 @@ from pipeline.scene import HELD, SCALARS, PromptPart, Scene
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1
 EMBEDDING_VERSION = 1
+# The libraries whose code makes an embedding's bytes: torch (the numerics), transformers (the text
+# encoders), tokenizers (the token ids) and diffusers (its ``encode_prompt`` picks the layer, pads,
+# truncates and loads textual inversions). An upgrade of any of them must not reuse old embeddings.
+EMBEDDING_LIBRARIES: tuple[str, ...] = ("diffusers", "tokenizers", "torch", "transformers")
 # Scalars that matter only in some modes: a txt2img frame's key must not change with strength.
 _MODE_SCALARS: dict[str, tuple[str, ...]] = {
     "txt2img": ("guidance",),
@@ -200,12 +204,13 @@ def _base(scene: Scene, env: RenderEnv) -> dict[str, Any]:
     """What every frame of the scene shares (model, sampler, size, learned weights...)."""
     from pipeline.schedulers import SCHEDULERS  # plain data, no torch
 
+    # The scheduler as it will be built (class and config), not as it is spelled: `scheduler: pndm`
+    # on a model whose own scheduler already is that PNDM is the same sampler, and the same frames.
     config = {k: v for k, v in env.scheduler_config.items() if not k.startswith("_")}
+    scheduler: dict[str, Any] = {"class": env.scheduler_config.get("_class_name"), "config": config}
     if scene.scheduler:
         class_name, overrides = SCHEDULERS[scene.scheduler]
-        scheduler = {"name": scene.scheduler, "class": class_name, "config": {**config, **overrides}}
-    else:
-        scheduler = {"name": "default", "class": env.scheduler_config.get("_class_name"), "config": config}
+        scheduler = {"class": class_name, "config": {**config, **overrides}}
     return {
         "kind": "frame",
         "v": RENDERER_VERSION,
@@ -242,7 +247,7 @@ class _Embeddings:
             "learned": [[e.token or "", env.files[e.path]] for e in scene.embeddings],
             "device": env.device,
             "dtype": env.dtype,
-            "libraries": {k: v for k, v in env.libraries.items() if k in ("torch", "transformers")},
+            "libraries": {k: v for k, v in env.libraries.items() if k in EMBEDDING_LIBRARIES},
         }
         self.by_text: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
@@ -369,12 +374,14 @@ class _Frames:
     def _blend(self, track: _Track, made: list[Any], method: str) -> Callable[[Any, Any], dict[str, Any]]:
         """Conditioning from a prompt track; ``made[i]`` is keyframe i's prompt as [[embedding key, weight], ...]."""
         pairs, ts = self._schedule(track)
-        # Keyframes with equal blends (one shared list: _Embeddings.blend) share an index, so frames
-        # between keyframes with the same prompts share a state, and a key template: a scene keyed at
-        # every frame repeats a few prompts.
-        first: dict[int, int] = {}
-        same = [first.setdefault(id(blend), i) for i, blend in enumerate(made)]
-        state_of = {(a, b): (same[a], same[b], a == b) for a, b in set(pairs)}
+        # Keyframes with equal blends (the same embeddings with the same normalised weights) share an
+        # index, so frames between keyframes with the same prompts share a state, and a key template:
+        # a scene keyed at every frame repeats a few prompts. And a blend from a prompt to itself is
+        # that prompt whole (slerp and lerp of a tensor with itself give it back exactly): restating
+        # the prompt in force at a later keyframe changes no frame.
+        first: dict[tuple[tuple[str, float], ...], int] = {}
+        same = [first.setdefault(tuple((k, w) for k, w in blend), i) for i, blend in enumerate(made)]
+        state_of = {(a, b): (same[a], same[b], same[a] == same[b]) for a, b in set(pairs)}
         s, i = self._state([state_of[p] for p in pairs]), self._value(ts)
 
         def cond(state: Any, values: Any) -> dict[str, Any]:
@@ -405,7 +412,8 @@ class _Frames:
         pairs, ts = self._schedule(track)
         # The seeds are values, not state: frames between other keyframes still share a key template.
         seeds = track.values
-        s = self._state([a == b for a, b in pairs])
+        # A seed travelling to itself is that seed whole: its noise slerped with itself is itself.
+        s = self._state([seeds[a] == seeds[b] for a, b in pairs])
         ia, ib = self._value([seeds[a] for a, _ in pairs]), self._value([seeds[b] for _, b in pairs])
         it = self._value(ts)
 

@@ -5,6 +5,7 @@ Pinned digests are literals: if one changes, every cache in the wild misses. Bum
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.keys import (
     Slot,
     canonical_json,
     file_digest,
+    json_digest,
     key_of,
     round_float,
 )
@@ -224,7 +226,7 @@ PINNED_ENV = RenderEnv(
     scheduler_config={"_class_name": "PNDMScheduler", "num_train_timesteps": 1000},
     device="cpu",
     dtype="float32",
-    libraries={"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0"},
+    libraries={"torch": "2.4.0", "diffusers": "0.30.0", "transformers": "4.44.0", "tokenizers": "0.20.0"},
 )
 PINNED_SCENE = """
 size: [64, 64]
@@ -239,18 +241,48 @@ keyframes:
 
 def test_pinned_frame_and_embedding_keys():
     p = plan(parse_scene(PINNED_SCENE, "pinned.yaml"), PINNED_ENV)
-    dog = "a75787acc7202f14954c8e9cf928f8ccd2cdb4bd6c6355cafa3241eb4cc043d4"
+    # Re-pinned when embedding keys gained diffusers and tokenizers (both make embedding bytes) and
+    # the base names the scheduler by its resolved class and config instead of its spelling.
+    dog = "6f12f5961f96ab2ee54d8c42417e070ad01f00f1ddd74c1fcb8780096c72b30f"
     assert p.text(dog) == "a dog"
     assert canonical_json(p.embeddings[dog]) == (
         '{"clip_skip":0,"device":"cpu","dtype":"float32","encoders":{"text_encoder":"te-a","tokenizer":"tok-a"},'
-        '"family":"sd","kind":"embedding","learned":[],"libraries":{"torch":"2.4.0","transformers":"4.44.0"},'
+        '"family":"sd","kind":"embedding","learned":[],'
+        '"libraries":{"diffusers":"0.30.0","tokenizers":"0.20.0","torch":"2.4.0","transformers":"4.44.0"},'
         '"t5":false,"text":"a dog","v":1}'
     )
-    assert p.base_key == "5a5c070f6644ef691445c301b0b9f28c1cbd0cb9e35a96cd04e5d82dcc7573c1"
+    assert canonical_json(p.base) == (
+        '{"clip_skip":0,"device":"cpu","dtype":"float32","family":"sd","kind":"frame","learned":[],'
+        '"libraries":{"diffusers":"0.30.0","tokenizers":"0.20.0","torch":"2.4.0","transformers":"4.44.0"},'
+        '"loras":[],"model":{"text_encoder":"te-a","tokenizer":"tok-a","unet":"unet-a","vae":"vae-a"},'
+        '"pipeline":"StableDiffusionPipeline",'
+        '"scheduler":{"class":"PNDMScheduler","config":{"num_train_timesteps":1000}},'
+        '"size":[64,64],"steps":4,"t5":false,"v":1}'
+    )
+    assert p.base_key == "00d2d8607b435b29e5d30730e9835e3d96b6d543d0bc32399b71f22f796a318f"
     assert p[0].recipe["cond"] == {"a": [[dog, 1.0]]}
-    assert p[0].key == "518664f65d8f340600aef4f5fd96444077bd90c952a046e1b53dbef820101c94"
+    assert p[0].key == "50931b814b3b6c3e54d77986a66ed59f81cbfbaaf6a4e88f42d32d3a7da2a8c8"
     assert p[5].recipe["cond"]["t"] == 0.5
-    assert p[5].key == "ae39fbfe7c09ebf23e5fc4fa05fc9b6950fcf25e5375fd5872109e819351f6ea"
+    assert p[5].key == "e080ebf8645c1db876ebbe0e7d1d444ca647d410881121fb94643b2e1519ab6b"
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers", "diffusers", "tokenizers"])
+def test_embedding_key_holds_every_library_that_makes_its_bytes(library):
+    # diffusers' encode_prompt (layer choice, padding, textual inversion) and the tokenizers library
+    # (token ids) make embedding bytes too: an upgrade must not reuse an old embedding.
+    scene = parse_scene(PINNED_SCENE, "pinned.yaml")
+    before = plan(scene, PINNED_ENV)
+    libraries = {**PINNED_ENV.libraries, library: "99.0"}
+    after = plan(scene, dataclasses.replace(PINNED_ENV, libraries=libraries))
+    assert set(before.embeddings).isdisjoint(after.embeddings)
+    assert all(a.key != b.key for a, b in zip(before, after, strict=True))
+
+
+def test_embedding_key_ignores_libraries_that_never_touch_it():
+    scene = parse_scene(PINNED_SCENE, "pinned.yaml")
+    libraries = {**PINNED_ENV.libraries, "pillow": "13.0.0"}
+    after = plan(scene, dataclasses.replace(PINNED_ENV, libraries=libraries))
+    assert set(after.embeddings) == set(plan(scene, PINNED_ENV).embeddings)
 
 
 # -- what a frame key depends on -----------------------------------------------------------------
@@ -373,3 +405,132 @@ def test_every_pixel_relevant_env_field_is_in_the_base(make_env):
     assert base["libraries"] == make_env().libraries
     assert (base["device"], base["dtype"]) == ("cpu", "float32")
     assert "fps" not in base and "outputs" not in base
+
+
+# -- what a frame key must NOT depend on: edits that change no pixel re-render nothing ------------
+
+RESTATE = """
+size: [64, 64]
+steps: 4
+negative_prompt: blurry
+keyframes:
+  - {frame: 0, prompt: a dog, guidance: 5}
+  - {frame: 6, prompt: a cat, guidance: 9}
+  - {frame: 12, guidance: 7}
+frames: 16
+"""
+
+
+def _plan_keys(text: str, env: RenderEnv | None = None) -> list[str]:
+    return [j.key for j in plan(parse_scene(text, "s.yaml"), env or _env())]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # The prompt in force (a cat) restated at the next keyframe: a cat -> a cat is a cat.
+        ("{frame: 12, guidance: 7}", "{frame: 12, prompt: a cat, guidance: 7}"),
+        # The same, as a blend with the same normalised weights.
+        ("{frame: 12, guidance: 7}", "{frame: 12, prompt: [{text: a cat, weight: 3}], guidance: 7}"),
+        # The negative prompt in force restated.
+        ("{frame: 12, guidance: 7}", "{frame: 12, negative_prompt: blurry, guidance: 7}"),
+    ],
+    ids=["prompt", "prompt-blend-weights", "negative-prompt"],
+)
+def test_restating_the_value_in_force_changes_no_key(edit):
+    old, new = edit
+    assert _plan_keys(_apply(RESTATE, {old: new})) == _plan_keys(RESTATE)
+
+
+def test_restating_a_blend_with_the_same_normalised_weights_changes_no_key():
+    two = "prompt: [{text: a dog, weight: 1}, {text: a cat, weight: 1}]"
+    same = "prompt: [{text: a dog, weight: 5}, {text: a cat, weight: 5}]"
+    held = RESTATE.replace("prompt: a cat", two)  # the blend is in force from frame 6 on
+    restated = held.replace("{frame: 12, guidance: 7}", "{frame: 12, " + same + ", guidance: 7}")
+    assert _plan_keys(restated) == _plan_keys(held)
+    # A real change of prompt still changes the frames between (and after).
+    changed = _plan_keys(
+        RESTATE.replace("{frame: 12, guidance: 7}", "{frame: 12, prompt: a cow, guidance: 7}")
+    )
+    before = _plan_keys(RESTATE)
+    assert [n for n in range(16) if changed[n] != before[n]] == list(range(7, 16))
+
+
+def test_a_blend_from_a_prompt_to_itself_is_that_prompt_whole():
+    text = RESTATE.replace("{frame: 12, guidance: 7}", "{frame: 12, prompt: a cat, guidance: 7}")
+    jobs = plan(parse_scene(text, "s.yaml"), _env())
+    assert jobs[9].recipe["cond"] == jobs[12].recipe["cond"] == jobs[6].recipe["cond"]
+    assert "t" not in jobs[9].recipe["cond"]
+    assert jobs[3].recipe["cond"]["t"] == 0.5  # dog -> cat still blends
+
+
+TRAVEL = """
+size: [64, 64]
+steps: 4
+noise: travel
+keyframes:
+  - {frame: 0, prompt: a dog, seed: 5}
+  - {frame: 4, prompt: a cat}
+  - {frame: 8, prompt: a cow}
+frames: 10
+"""
+
+
+def test_repeating_a_travel_seed_changes_no_key():
+    # Seed 5 is in force everywhere; restating it at frame 4 travels 5 -> 5, which is seed 5.
+    repeated = TRAVEL.replace("{frame: 4, prompt: a cat}", "{frame: 4, prompt: a cat, seed: 5}")
+    assert _plan_keys(repeated) == _plan_keys(TRAVEL)
+    jobs = plan(parse_scene(repeated, "s.yaml"), _env())
+    assert [j.recipe["noise"] for j in jobs] == [{"seed": 5}] * 10
+    # A new seed there does change the frames that travel towards it and away from it.
+    moved = TRAVEL.replace("{frame: 4, prompt: a cat}", "{frame: 4, prompt: a cat, seed: 6}")
+    jobs = plan(parse_scene(moved, "s.yaml"), _env())
+    assert jobs[2].recipe["noise"] == {"seed": 5, "to": 6, "t": 0.5}
+    changed = [
+        n for n, (a, b) in enumerate(zip(_plan_keys(moved), _plan_keys(TRAVEL), strict=True)) if a != b
+    ]
+    assert changed == list(range(1, 10))
+
+
+PNDM_CONFIG = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "skip_prk_steps": True}
+
+
+def test_naming_the_scheduler_the_model_already_uses_changes_no_key():
+    env = _env(scheduler_config=PNDM_CONFIG)
+    named = BASE_SCENE.replace("steps: 4", "steps: 4\nscheduler: pndm")
+    assert _plan_keys(named, env) == _plan_keys(BASE_SCENE, env)
+    # Another sampler, or PNDM with settings the model's own does not have, is another key.
+    ddim = BASE_SCENE.replace("steps: 4", "steps: 4\nscheduler: ddim")
+    assert set(_plan_keys(ddim, env)).isdisjoint(_plan_keys(BASE_SCENE, env))
+    prk = _env(scheduler_config={**PNDM_CONFIG, "skip_prk_steps": False})
+    assert set(_plan_keys(named, prk)).isdisjoint(_plan_keys(BASE_SCENE, prk))
+
+
+def test_json_digest_is_content_not_layout():
+    data = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "x": 1.5}
+    assert (
+        json_digest(data)
+        == hashlib.sha256(
+            b'{"_class_name":"StableDiffusionPipeline","unet":["diffusers","UNet2DConditionModel"],"x":1.5}'
+        ).hexdigest()
+    )
+    assert json_digest(data) != json_digest({**data, "x": 2})
+    assert json_digest(data) != json_digest(dict(reversed(list(data.items()))))  # order is kept
+
+
+def test_reindenting_model_index_json_changes_no_fingerprint(tmp_path):
+    import json
+    import shutil
+
+    from pipeline.models import EMBEDDED_DIR, resolve_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(EMBEDDED_DIR / "tiny", folder)
+    before = resolve_model("model", tmp_path).fingerprint
+    index = folder / "model_index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(data, indent=7) + "\n\n")  # another layout, the same content
+    assert resolve_model("model", tmp_path).fingerprint == before
+    data["scheduler"] = ["diffusers", "DDIMScheduler"]  # another content
+    index.write_text(json.dumps(data, indent=2))
+    assert resolve_model("model", tmp_path).fingerprint["model_index"] != before["model_index"]

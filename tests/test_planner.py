@@ -23,6 +23,11 @@ from pipeline.keys import KeyTemplate, canonical_json, key_of
 from pipeline.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
+# The smallest file that passes as LoRA weights (scene validation reads a safetensors header):
+# one float32 tensor of one element.
+LORA_BYTES = b'8\x00\x00\x00\x00\x00\x00\x00{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}  ' + bytes(
+    4
+)
 
 TWO_KEYS = """
 seed: 3
@@ -640,7 +645,7 @@ def varied_plan(plan_text, make_env, tmp_path):
     """``varied_plan(name)``: plan a VARIED scene, with its input files in a temp folder."""
     Image.new("RGB", (8, 8)).save(tmp_path / "init.png")
     Image.new("L", (8, 8), 255).save(tmp_path / "mask.png")
-    (tmp_path / "style.safetensors").write_bytes(b"weights")
+    (tmp_path / "style.safetensors").write_bytes(LORA_BYTES)
     files = {"init.png": "init-hash", "mask.png": "mask-hash", "style.safetensors": "lora-hash"}
     return lambda name: plan_text(
         textwrap.dedent(VARIED[name]), make_env(files=files), base_path=tmp_path / "s.yaml"
@@ -757,7 +762,7 @@ def test_values_equal_at_key_precision_give_one_key(plan_text, a, b):
 
 
 def test_held_lora_scale_is_rounded(plan_text, make_env, tmp_path):
-    (tmp_path / "style.safetensors").write_bytes(b"weights")
+    (tmp_path / "style.safetensors").write_bytes(LORA_BYTES)
     p = plan_text(
         "loras: [{path: style.safetensors, scale: 0.30000000000000004}]\n"
         "keyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 2, prompt: a cat, lora: {style: 0.7}}\n",

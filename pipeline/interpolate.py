@@ -14,10 +14,12 @@ every tensor in it is interpolated the same way, so sequence AND pooled embeddin
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
+
+from pipeline.keys import round_float
 
 Entry = dict[str, torch.Tensor]
 DOT_THRESHOLD = 0.9995
@@ -29,10 +31,28 @@ def lerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     return out.to(v0.dtype)
 
 
-def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot_threshold: float = DOT_THRESHOLD) -> torch.Tensor:
-    """Spherical interpolation over the whole flattened tensor (Karpathy's gist, as in the Keras example)."""
+def cosine(v0: torch.Tensor, v1: torch.Tensor) -> float:
+    """The cosine of the angle between two tensors, each taken whole (flattened), in float32."""
     a, b = v0.float(), v1.float()
-    dot = float((a * b).sum() / (a.norm() * b.norm()))
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def slerp(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    dot_threshold: float = DOT_THRESHOLD,
+    *,
+    dot: float | None = None,
+) -> torch.Tensor:
+    """Spherical interpolation over the whole flattened tensor (Karpathy's gist, as in the Keras example).
+
+    ``dot``: the cosine to use instead of that of ``v0`` and ``v1``. Slerping two stacked tensors
+    and taking one slice is, element for element, this with the stacks' cosine on the two slices.
+    """
+    a, b = v0.float(), v1.float()
+    if dot is None:
+        dot = cosine(a, b)
     if abs(dot) > dot_threshold:
         return lerp(v0, v1, t)
     theta0 = math.acos(dot)
@@ -74,12 +94,47 @@ def walk_direction(entry: Entry, direction: Any) -> Entry:
     }
 
 
-def conditioning(cond: Mapping[str, Any], embeddings: Mapping[str, Entry]) -> Entry:
-    """The embedding entry for one frame's conditioning recipe (see ``pipeline.planner``)."""
+def grid_rows_cosine(corners: Sequence[Entry], cols: int) -> dict[str, float]:
+    """Per tensor name, the cosine between a grid's whole top row and whole bottom row.
+
+    The Keras example ("Random walks with Stable Diffusion 3", keras.io) builds the top row as
+    ``slerp(e1, e2)`` and the bottom row as ``slerp(e3, e4)`` at ``linspace(0, 1, cols)``, then
+    slerps the two rows, stacked, into each other: one angle for the whole row pair, from this
+    cosine.
+    """
+    k1, k2, k3, k4 = corners
+    # The u of each column as the planner writes it (rounded like every recipe number).
+    us = [round_float(c / (cols - 1)) if cols > 1 else 0.0 for c in range(cols)]
+    out = {}
+    for name in k1:
+        top = torch.stack([slerp(k1[name], k2[name], u).float() for u in us])
+        bottom = torch.stack([slerp(k3[name], k4[name], u).float() for u in us])
+        out[name] = cosine(top, bottom)
+    return out
+
+
+def conditioning(
+    cond: Mapping[str, Any], embeddings: Mapping[str, Entry], memo: MutableMapping[Any, Any] | None = None
+) -> Entry:
+    """The embedding entry for one frame's conditioning recipe (see ``pipeline.planner``).
+
+    ``memo``: a dict the caller keeps across frames of one plan, for what many frames share.
+    """
     if "grid" in cond:
-        k1, k2, k3, k4 = (embeddings[k] for k in cond["grid"])
+        corners = [embeddings[k] for k in cond["grid"]]
+        k1, k2, k3, k4 = corners
         top = mix(k1, k2, cond["u"], cond["method"])
         bottom = mix(k3, k4, cond["u"], cond["method"])
+        if "whole_rows" in cond:
+            # grid method 'rows': this cell of the slerp of the two whole rows (one angle per row pair).
+            cols = int(cond["whole_rows"])
+            key = ("grid rows", *cond["grid"], cols)  # every frame of the grid's middle rows needs it
+            dots = memo.get(key) if memo is not None else None
+            if dots is None:
+                dots = grid_rows_cosine(corners, cols)
+                if memo is not None:
+                    memo[key] = dots
+            return {name: slerp(top[name], bottom[name], cond["v"], dot=dots[name]) for name in top}
         return mix(top, bottom, cond["v"], cond["method"])
     a = blend(cond["a"], embeddings)
     if "walk" in cond:

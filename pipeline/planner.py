@@ -312,7 +312,24 @@ class _Frames:
             iv = self._value(
                 [round_float((n // cols) / (rows - 1)) if rows > 1 else 0.0 for n in range(total)]
             )
-            self._cond = lambda s, v: {"grid": corners, "u": v[iu], "v": v[iv], "method": method}
+            # grid method 'rows' (the Keras example) slerps the whole top row into the whole bottom
+            # row: a middle row's cells depend on every column, so their key names the row width.
+            # The first and last rows are the rows themselves, and with lerp there is no angle: there
+            # both methods give the same cells, and the same keys.
+            whole_rows = self._state(
+                [
+                    grid.method == "rows" and method == "slerp" and 0 < n // cols < rows - 1
+                    for n in range(total)
+                ]
+            )
+
+            def grid_cond(s: Any, v: Any) -> dict[str, Any]:
+                cond = {"grid": corners, "u": v[iu], "v": v[iv], "method": method}
+                if s[whole_rows]:
+                    cond["whole_rows"] = cols
+                return cond
+
+            self._cond = grid_cond
         else:
             self._cond = self._blend(tracks["prompt"], prompts, method)
         self._neg = self._blend(tracks["negative_prompt"], negatives, method)

@@ -404,9 +404,26 @@ def test_grid_row_major_u_v_and_corners(plan_text):
     vs = [0.0, 0.5, 1.0]
     for j in p:
         row, col = divmod(j.frame, 4)
-        assert j.recipe["cond"] == {"grid": corners, "u": us[col], "v": vs[row], "method": "slerp"}
+        cond = {"grid": corners, "u": us[col], "v": vs[row], "method": "slerp"}
+        if row == 1:  # method rows (the default): a middle row is a slice of the slerp of whole rows
+            cond["whole_rows"] = 4
+        assert j.recipe["cond"] == cond
         assert j.recipe["noise"] == {"seed": 0}
     assert len(set(keys(p))) == 12
+
+
+def test_grid_methods_differ_only_in_middle_rows_and_only_with_slerp(plan_text):
+    corners = "prompts: [top left, top right, bottom left, bottom right], rows: 4, cols: 3"
+    rows = plan_text(f"grid: {{{corners}}}")
+    cells = plan_text(f"grid: {{{corners}, method: cells}}")
+    assert [n for n in range(12) if rows[n].key != cells[n].key] == [3, 4, 5, 6, 7, 8]
+    assert all("whole_rows" not in j.recipe["cond"] for j in cells)
+    assert [j.recipe["cond"].get("whole_rows") for j in rows] == [None] * 3 + [3] * 6 + [None] * 3
+    # With lerp there is no angle: rows and cells are the same cells, and the same keys.
+    lerp_rows = plan_text(f"interpolation: lerp\ngrid: {{{corners}}}")
+    lerp_cells = plan_text(f"interpolation: lerp\ngrid: {{{corners}, method: cells}}")
+    assert keys(lerp_rows) == keys(lerp_cells)
+    assert all("whole_rows" not in j.recipe["cond"] for j in lerp_rows)
 
 
 def test_grid_8x8_default_and_per_frame_noise(plan_text):

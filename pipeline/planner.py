@@ -171,13 +171,23 @@ def _tracks(scene: Scene) -> dict[str, _Track]:
     tracks: dict[str, _Track] = {}
 
     def track(
-        name: str, top: Any, column: Sequence[Any], *, has_top: bool = True, held: bool = False
+        name: str,
+        top: Any,
+        column: Sequence[Any],
+        *,
+        has_top: bool = True,
+        written: bool = True,
+        held: bool = False,
     ) -> None:
-        """``column``: the value each keyframe sets (None where it sets none)."""
+        """``column``: the value each keyframe sets (None where it sets none). ``written``: whether the
+        scene sets ``top`` itself; a built-in default only counts where no keyframe sets the value."""
         t = _Track()
-        if has_top and not (at_0 and column[0] is not None):
-            t.add(0, top, default_curve, held or hold_at_0)
         found = [(i, v) for i, v in enumerate(column) if v is not None]
+        # A top-level value is the value at frame 0. A value never written at the top level has no
+        # value at frame 0: its first keyframe's value holds before it (as in Deforum and Parseq),
+        # rather than a ramp from the built-in default into it.
+        if has_top and (written or not found) and not (at_0 and column[0] is not None):
+            t.add(0, top, default_curve, held or hold_at_0)
         t.frames += [frames[i] for i, _ in found]
         t.values += [v for _, v in found]
         t.curves += [curves[i] for i, _ in found]
@@ -187,14 +197,29 @@ def _tracks(scene: Scene) -> dict[str, _Track]:
     def field(name: str) -> Sequence[Any]:
         return by_field.get(name, ())  # no keyframes (a walk or a grid): every column is empty
 
+    written = scene.model_fields_set
     track("prompt", None, field("prompt"), has_top=False)
-    track("negative_prompt", scene.negative_prompt, field("negative_prompt"))
-    track("seed", scene.noise.seed if scene.noise.seed is not None else scene.seed, field("seed"))
+    track(
+        "negative_prompt",
+        scene.negative_prompt,
+        field("negative_prompt"),
+        written="negative_prompt" in written,
+    )
+    seed_written = "seed" in written or scene.noise.seed is not None
+    track(
+        "seed",
+        scene.noise.seed if scene.noise.seed is not None else scene.seed,
+        field("seed"),
+        written=seed_written,
+    )
     for name in SCALARS:
-        track(name, getattr(scene, name), field(name))
+        track(name, getattr(scene, name), field(name), written=name in written)
     for lora in scene.loras:
         name = scene.lora_name(lora)
-        track(f"lora:{name}", lora.scale, [(scales or {}).get(name) for scales in field("lora")])
+        scales = [(scales or {}).get(name) for scales in field("lora")]
+        track(f"lora:{name}", lora.scale, scales, written="scale" in lora.model_fields_set)
+    # Modes and input images never blend: the top-level value (txt2img, no image) holds until the
+    # keyframe that sets another, written or not.
     for name in HELD:
         track(name, getattr(scene, name), field(name), held=True)
     return tracks

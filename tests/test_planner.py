@@ -266,6 +266,91 @@ def test_top_level_value_is_frame_0_when_the_first_keyframe_is_later(plan_text):
     assert p[0].recipe["cond"] == p[2].recipe["cond"]
 
 
+def test_value_never_written_at_the_top_level_holds_its_first_keyframe_value(plan_text):
+    # No top-level guidance: frames 0-9 hold keyframe 10's 5 (as Deforum and Parseq do), rather than
+    # easing from the built-in 7.5 into it.
+    p = plan_text(
+        """
+        frames: 24
+        keyframes:
+          - {frame: 0, prompt: a dog}
+          - {frame: 10, guidance: 5}
+          - {frame: 20, guidance: 9}
+        """
+    )
+    guidance = [j.recipe["scalars"]["guidance"] for j in p]
+    assert guidance == [5.0] * 11 + [5.4, 5.8, 6.2, 6.6, 7.0, 7.4, 7.8, 8.2, 8.6] + [9.0] * 4
+    # Written at the top level, even with its default value, it is the value at frame 0.
+    written = plan_text(
+        """
+        guidance: 7.5
+        frames: 11
+        keyframes:
+          - {frame: 0, prompt: a dog}
+          - {frame: 10, guidance: 5}
+        """
+    )
+    assert [j.recipe["scalars"]["guidance"] for j in written] == [
+        7.5, 7.25, 7.0, 6.75, 6.5, 6.25, 6.0, 5.75, 5.5, 5.25, 5.0
+    ]  # fmt: skip
+
+
+def test_every_eased_value_holds_before_its_first_keyframe(plan_text, make_env, tmp_path):
+    (tmp_path / "s.safetensors").write_bytes(LORA_BYTES)
+    env = make_env(files={"s.safetensors": "lora-1"})
+    p = plan_text(
+        """
+        mode: feedback
+        noise: travel
+        frames: 8
+        loras: [{path: s.safetensors, name: s}]
+        keyframes:
+          - {frame: 0, prompt: a dog}
+          - {frame: 4, negative_prompt: blurry, seed: 7, strength: 0.5, zoom: 1.1, angle: 3,
+             translate_x: 2, translate_y: -2, lora: {s: 0.5}}
+          - {frame: 6, seed: 9, zoom: 1.3, lora: {s: 1.0}}
+        """,
+        env,
+        base_path=tmp_path / "s.yaml",
+    )
+    for n in range(5):  # frames 0-4: keyframe 4's values exactly
+        r = p[n].recipe
+        assert r["noise"] == {"seed": 7}, n
+        assert r["scalars"] == {
+            "guidance": 7.5,
+            "strength": 0.5,
+            "zoom": 1.1,
+            "angle": 3.0,
+            "translate_x": 2.0,
+            "translate_y": -2.0,
+            "lora": {"s": 0.5},
+        }, n
+        assert [(p.text(k), w) for k, w in r["neg"]["a"]] == [("blurry", 1.0)], n
+        assert "b" not in r["neg"], n
+    assert p[5].recipe["noise"] == {"seed": 7, "to": 9, "t": 0.5}
+    assert (p[5].recipe["scalars"]["zoom"], p[5].recipe["scalars"]["lora"]) == (1.2, {"s": 0.75})
+    assert p[7].recipe["scalars"]["zoom"] == 1.3
+
+
+def test_modes_and_inputs_keep_the_top_level_value_until_a_keyframe_sets_them(plan_text, make_env, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "init.png")
+    p = plan_text(
+        """
+        frames: 4
+        keyframes:
+          - {frame: 0, prompt: a dog}
+          - {frame: 2, mode: img2img, init_image: init.png, strength: 0.5}
+        """,
+        make_env(files={"init.png": "init-1"}),
+        base_path=tmp_path / "s.yaml",
+    )
+    assert [j.recipe["mode"]["mode"] for j in p] == ["txt2img", "txt2img", "img2img", "img2img"]
+    # strength is keyed only in img2img frames, where it is keyframe 2's.
+    assert [j.recipe["scalars"].get("strength") for j in p] == [None, None, 0.5, 0.5]
+
+
 def test_strength_is_keyed_only_in_modes_that_use_it(plan_text, make_env, tmp_path):
     txt = "strength: STRENGTH\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 3, prompt: a cat}\n"
     a = plan_text(txt.replace("STRENGTH", "0.3"))

@@ -20,6 +20,7 @@ This module never imports torch, and imports imageio (slow) only when an MP4 is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -36,7 +37,9 @@ __all__ = [
     "OUTPUT_KINDS",
     "atomic_output",
     "clean_partials",
+    "is_frame_file",
     "kind_for_path",
+    "name_length_problem",
     "rubber_band",
     "write_gif",
     "write_grid",
@@ -83,7 +86,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    tmp = path.with_name(_partial_name(path.name, str(os.getpid()), secrets.token_hex(_TOKEN_BYTES)))
     try:
         yield tmp
         _fsync_path(tmp)
@@ -94,6 +97,78 @@ def atomic_output(path: Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_directory(path.parent)
+
+
+_TOKEN_BYTES = 4
+# The longest pid a temporary name can carry: pids are 32-bit numbers (Linux caps them at 2**22, but
+# the check must not depend on which pid a later run gets).
+_PID_DIGITS = len(str(2**32))
+
+
+def _partial_name(name: str, pid: str, token: str) -> str:
+    return f".{name}.partial-{pid}-{token}{Path(name).suffix}"
+
+
+def name_length_problem(path: Path, kind: str, frames: int = 1) -> str | None:
+    """Why ``path`` cannot be written as a ``kind`` output for its length alone, or None if it can.
+
+    Checked before rendering, since the file system refuses a long name only when the output is
+    written, after every frame has rendered. Every component of the absolute ``path`` must fit the
+    file system's NAME_MAX (asked of the nearest folder that exists; 255 where it cannot say), the
+    file's own name once ``atomic_output`` has added its temporary prefix and suffix (with the
+    longest possible pid), and the whole temporary path must fit PATH_MAX (4096 where it cannot
+    say). A frames folder's files are ``frame_NNNNN.png`` inside it, for ``frames`` frames.
+    """
+    path = Path(path)
+    file = path / f"frame_{max(frames - 1, 0):05d}.png" if kind == "frames" else path
+    partial = _partial_name(file.name, "9" * _PID_DIGITS, "f" * 2 * _TOKEN_BYTES)
+    folder = Path(file.anchor)
+    components = file.parts[1:]
+    for i, component in enumerate(components):
+        limit = _pathconf(folder, "PC_NAME_MAX", 255)
+        if _name_units(component) > limit:
+            return f"'{_shorten(component)}' is {_name_units(component)} bytes long; this file system allows {limit} per name"
+        if i == len(components) - 1 and _name_units(partial) > limit:
+            extra = _name_units(partial) - _name_units(component)
+            return (
+                f"'{_shorten(component)}' is {_name_units(component)} bytes long, and {extra} more while it is "
+                f"written (a temporary name beside it); this file system allows {limit} per name, so at most "
+                f"{limit - extra} for this name"
+            )
+        folder = folder / component
+    full = str(file.parent / partial)
+    limit = _pathconf(file.parent, "PC_PATH_MAX", 4096)
+    if _name_units(full) >= limit:  # PATH_MAX counts the terminating NUL
+        return f"its full path is {_name_units(full)} bytes long while it is written; this file system allows {limit - 1}"
+    return None
+
+
+def _name_units(name: str) -> int:
+    # What the limits count: bytes on POSIX, UTF-16 code units on Windows.
+    if os.name == "nt":  # pragma: no cover - exercised on Windows only
+        return len(name.encode("utf-16-le", "surrogatepass")) // 2
+    return len(os.fsencode(name))
+
+
+def _shorten(name: str, keep: int = 30) -> str:
+    return name if len(name) <= 2 * keep + 3 else f"{name[:keep]}...{name[-keep:]}"
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    """``os.pathconf`` of ``path`` or of its nearest folder that exists; ``default`` where unknown."""
+    for folder in (path, *path.parents):
+        try:
+            value = os.pathconf(folder, name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                continue
+            return default
+        except (ValueError, AttributeError):  # a name the system does not know; no pathconf (Windows)
+            return default
+        return value if value and value > 0 else default
+    return default
 
 
 def _fsync_path(path: Path) -> None:
@@ -147,6 +222,11 @@ def clean_partials(directory: Path) -> list[Path]:
             continue
         removed.append(entry)
     return removed
+
+
+def is_frame_file(name: str) -> bool:
+    """Whether ``name`` is one of the ``frame_NNNNN.png`` files a frames output consists of."""
+    return _FRAME_RE.fullmatch(name) is not None
 
 
 def _pid_alive(pid: int) -> bool:

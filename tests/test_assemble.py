@@ -19,6 +19,7 @@ from pipeline.assemble import (
     atomic_output,
     clean_partials,
     kind_for_path,
+    name_length_problem,
     rubber_band,
     write_gif,
     write_grid,
@@ -480,3 +481,52 @@ def test_import_does_not_pull_in_torch_or_imageio() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["False", "False"]
+
+
+# Names: every output path is checked against the file system's limits before anything renders.
+
+needs_name_max_255 = pytest.mark.skipif(
+    not hasattr(os, "pathconf") or os.pathconf("/tmp", "PC_NAME_MAX") != 255, reason="needs NAME_MAX 255"
+)
+
+
+@needs_name_max_255
+def test_name_length_bound_counts_the_temporary_name(tmp_path: Path) -> None:
+    # '.' + name + '.partial-' + 10-digit pid + '-' + 8 hex + '.gif' must fit 255 bytes: 222 for the name.
+    assert name_length_problem(tmp_path / ("a" * 218 + ".gif"), "gif") is None
+    assert name_length_problem(tmp_path / ("a" * 219 + ".gif"), "gif") == (
+        "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaaaaaaaaaaaaaaaaaaaaaa.gif' is 223 bytes long, and 33 more while "
+        "it is written (a temporary name beside it); this file system allows 255 per name, so at most 222 "
+        "for this name"
+    )
+    # Bytes, not characters: 110 'é' are 220 bytes.
+    assert name_length_problem(tmp_path / ("é" * 109 + ".gif"), "gif") is None
+    assert "is 224 bytes long" in (name_length_problem(tmp_path / ("é" * 110 + ".gif"), "gif") or "")
+
+
+@needs_name_max_255
+def test_name_length_bound_checks_every_folder_and_the_frames_inside_a_folder(tmp_path: Path) -> None:
+    assert name_length_problem(tmp_path / ("d" * 255) / "x.gif", "gif") is None
+    assert name_length_problem(tmp_path / ("d" * 256) / "x.gif", "gif") == (
+        "'dddddddddddddddddddddddddddddd...dddddddddddddddddddddddddddddd' is 256 bytes long; "
+        "this file system allows 255 per name"
+    )
+    # A frames folder is made with mkdir (no temporary name); its frame files are short.
+    assert name_length_problem(tmp_path / ("f" * 255), "frames", frames=1000) is None
+    assert name_length_problem(tmp_path / ("f" * 256), "frames") is not None
+
+
+def test_name_length_bound_checks_the_whole_path(tmp_path: Path) -> None:
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+    deep = tmp_path.joinpath(*["p" * 200] * (limit // 201 + 1), "x.gif")
+    assert "its full path is" in (name_length_problem(deep, "gif") or "")
+    assert name_length_problem(tmp_path.joinpath(*["p" * 200] * 2, "x.gif"), "gif") is None
+
+
+def test_atomic_output_temporary_name_is_the_one_the_bound_counts(tmp_path: Path) -> None:
+    with atomic_output(tmp_path / "clip.gif") as tmp:
+        tmp.write_bytes(b"x")
+        pid = str(os.getpid())
+        assert tmp.name.startswith(f".clip.gif.partial-{pid}-")
+        assert tmp.name.endswith(".gif")
+        assert len(tmp.name) == len(".clip.gif.partial-") + len(pid) + len("-") + 8 + len(".gif")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,68 @@ def test_what_a_model_cannot_do_is_an_error_before_loading(
     assert "EXIT 2 False" in out.stdout, out.stdout + out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- clip_skip: rendered in every family, computed as plain transformers computes it -------------
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3"])
+def test_clip_skip_renders_in_every_family(model: str, tmp_path: Path) -> None:
+    # With transformers 5, diffusers' own SD 1.x/2.x clip_skip path raised AttributeError
+    # ('CLIPTextModel' object has no attribute 'text_model') at render time.
+    scene = make_scene(tmp_path, model, "clip_skip: 1\nnegative_prompt: blurry\n", noise="fixed", frames=2)
+    report = run_render(scene, tmp_path / "cache")
+    assert (report["rendered"], report["embeddings_encoded"]) == (2, 3)
+
+
+def _plain_clip_layer(pipe: object, text: str, skip: int) -> torch.Tensor:
+    """The reference: transformers alone, as AUTOMATIC1111 and diffusers define clip skip for SD 1.x/2.x:
+    the hidden state ``skip`` layers before the last, through the text model's final layer norm."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder  # type: ignore[attr-defined]
+    ids = tokenizer(
+        text,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        out = encoder(ids, output_hidden_states=True)
+        assert len(out.hidden_states) == encoder.config.num_hidden_layers + 1
+        # Sanity of the indexing: the last hidden state through the norm is the model's own output.
+        assert torch.equal(encoder.final_layer_norm(out.hidden_states[-1]), out.last_hidden_state)
+        return encoder.final_layer_norm(out.hidden_states[-(skip + 1)])
+
+
+def test_clip_skip_is_the_plain_transformers_layer_for_prompt_and_negative(tmp_path: Path) -> None:
+    scene = make_scene(tmp_path, "tiny", "clip_skip: 1\nnegative_prompt: blurry\n", noise="fixed", frames=2)
+    with CacheDir(tmp_path / "cache") as cache:
+        renderer, jobs = _renderer(scene, cache)
+        renderer.encode_prompts(jobs.embeddings)
+        pipe = renderer.pipe
+        for job in jobs:
+            for part in ("cond", "neg"):  # clip_skip applies to the negative prompt too
+                ((key, _weight),) = job.recipe[part]["a"]
+                assert jobs.embeddings[key]["clip_skip"] == 1
+                text = jobs.text(key)
+                got = renderer.embeddings[key]["prompt_embeds"]
+                expected = _plain_clip_layer(pipe, text, 1)
+                assert torch.allclose(got, expected, atol=1e-6, rtol=0), (part, text)
+                # ...and it is another layer than the last: clip_skip changes the conditioning.
+                assert (got - _plain_clip_layer(pipe, text, 0)).abs().max() > 1e-2
+        # clip_skip 0 is diffusers' own encode_prompt: the last layer, bit for bit as before.
+        renderer.scene = renderer.scene.model_copy(update={"clip_skip": 0})
+        assert torch.allclose(
+            renderer._encode("a house")["prompt_embeds"], _plain_clip_layer(pipe, "a house", 0)
+        )
+
+
+def test_depth2img_in_float32_says_nothing_about_autocast(tmp_path: Path) -> None:
+    # diffusers runs the depth estimator under torch.autocast(dtype=float32), which torch answers on a
+    # CPU with "UserWarning: In CPU autocast, but the target dtype is not supported": `-q` printed it.
+    scene = make_scene(tmp_path, "tiny-depth", MODE_SCENES["depth2img-estimated"][1], noise="fixed", frames=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = run_render(scene, tmp_path / "cache")
+    assert report["rendered"] == 2
+    assert [str(w.message) for w in seen if "autocast" in str(w.message)] == []

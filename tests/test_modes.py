@@ -175,6 +175,57 @@ def test_motion_zoom_rotate_translate() -> None:
     assert np.ptp(ys) > np.ptp(xs)  # a horizontal bar turned by 90 degrees stands upright
 
 
+def dot_at(img: Image.Image) -> tuple[int, int]:
+    arr = np.asarray(img)[..., 0]
+    y, x = np.unravel_index(arr.argmax(), arr.shape)
+    return int(y), int(x)
+
+
+def test_motion_shifts_first_then_zooms_and_rotates_about_the_centre() -> None:
+    # Deforum's order, as the README says: the shift (pixels) comes first, so the zoom scales it too.
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.putpixel((16, 16), (255, 255, 255))  # just right of and below the centre (16.0, 16.0)
+    assert dot_at(motion(img, 1.0, 0.0, 4.0, 0.0)) == (16, 20)  # 4 px right
+    # Shift then zoom: (16.5 + 4 - 16) * 2 + 16 = 25 -> pixel 24, i.e. 8 px right. Zoom first, then
+    # shift, would give (16.5 - 16) * 2 + 16 + 4 = 21 -> pixel 20.
+    assert dot_at(motion(img, 2.0, 0.0, 4.0, 0.0)) == (16, 24)
+    # A positive angle turns the picture counter-clockwise on screen: right of the centre goes up.
+    right = Image.new("RGB", (32, 32), (0, 0, 0))
+    right.putpixel((22, 16), (255, 255, 255))
+    assert dot_at(motion(right, 1.0, 90.0, 0.0, 0.0)) == (9, 16)
+    # zoom > 1 zooms in: content moves away from the centre.
+    far = Image.new("RGB", (32, 32), (0, 0, 0))
+    far.putpixel((20, 16), (255, 255, 255))
+    assert dot_at(motion(far, 2.0, 0.0, 0.0, 0.0)) == (16, 24)
+
+
+def test_feedback_frame_0_is_made_from_the_moved_init_image(tmp_path: Path) -> None:
+    """Frame 0 of a feedback chain with an init image is img2img of the init image moved once."""
+    scene_in(tmp_path, "")
+    init = Image.open(tmp_path / "inputs" / "landscape.png").convert("RGB").resize((32, 32), Image.LANCZOS)
+    init.save(tmp_path / "inputs" / "small.png")
+    motion(init, 1.3, 20.0, 3.0, -2.0).save(tmp_path / "inputs" / "moved.png")
+    common = (
+        "model: tiny\nsize: [32, 32]\nsteps: 3\nseed: 5\nstrength: 0.5\n"
+        "keyframes:\n  - {frame: 0, prompt: a castle}\noutputs: [f/]\n"
+    )
+    feedback = scene_in(
+        tmp_path,
+        "mode: feedback\ninit_image: inputs/small.png\nzoom: 1.3\nangle: 20\ntranslate_x: 3\n"
+        "translate_y: -2\n" + common,
+        "feedback.yaml",
+    )
+    img2img = scene_in(tmp_path, "mode: img2img\ninit_image: inputs/moved.png\n" + common, "moved.yaml")
+    unmoved = scene_in(tmp_path, "mode: img2img\ninit_image: inputs/small.png\n" + common, "unmoved.yaml")
+    frames = {}
+    for scene in (feedback, img2img, unmoved):
+        run_render(scene, tmp_path / "cache")
+        png = tmp_path / "renders" / scene.stem / "f" / "frame_00000.png"
+        frames[scene.stem] = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    assert np.array_equal(frames["feedback"], frames["moved"])
+    assert np.abs(frames["feedback"] - frames["unmoved"]).max() > 10
+
+
 @pytest.mark.parametrize("mode", ["img2img", "feedback"])
 def test_mode_frames_do_not_depend_on_the_batch(tmp_path: Path, mode: str) -> None:
     text = IMG2IMG.format(s0=0.5) if mode == "img2img" else FEEDBACK.format(mid="x")

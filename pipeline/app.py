@@ -35,9 +35,10 @@ from typing import Any, Protocol
 import yaml
 
 from pipeline.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.cpu import choose_threads
 from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
-from pipeline.models import ModelError, ModelRef, resolve_model
+from pipeline.models import ModelError, ModelRef, check_model_spec, resolve_model
 from pipeline.paths import default_cache_dir
 from pipeline.planner import FrameJob, Plan, plan
 from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
@@ -99,6 +100,7 @@ class Report:
     dtype: str
     model: str
     seconds: float = 0.0
+    threads: int | None = None  # CPU threads torch rendered with (None: nothing rendered on the CPU)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +124,7 @@ class RenderSetup:
     ref: ModelRef
     plan: Plan
     cache: CacheDir
+    threads: int | None = None  # CPU threads to render with: None auto, 0 torch's default
 
     def default(self) -> BatchRenderer:
         from pipeline.models import load_pipeline  # imports torch: only when a frame must render
@@ -141,6 +144,7 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     model: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
+    threads: int | None = None,
     cache_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     allow_outside_inputs: bool = False,
@@ -149,6 +153,8 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
 ) -> Session:
     """Open a scene from a file path, YAML text, or a dict (the parsed form of a scene file).
 
+    ``threads``: CPU threads for rendering on the CPU (None: the free physical cores, see
+    ``pipeline.cpu``; 0: torch's default of one per core).
     Text and dicts are placed in ``base_dir`` (default: the current folder) as if they were the file
     ``<name>.yaml`` there: their relative input paths and default outputs are read from there.
     Problems are collected, not raised: see :attr:`Session.problems`.
@@ -158,6 +164,7 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
         model=model,
         device=device,
         batch_size=batch_size,
+        threads=threads,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         out_dir=Path(out_dir) if out_dir is not None else None,
         allow_outside_inputs=allow_outside_inputs,
@@ -176,6 +183,7 @@ class Session:
         model: str | None,
         device: str,
         batch_size: int | None,
+        threads: int | None,
         cache_dir: Path | None,
         out_dir: Path | None,
         allow_outside_inputs: bool,
@@ -185,6 +193,8 @@ class Session:
         self.model = model
         self.device = device
         self.batch_size = batch_size
+        self.threads = threads
+        self.threads_used: int | None = None
         self.cache_dir = cache_dir or default_cache_dir()
         self.scene: Scene | None = None
         self.targets: list[Target] = []
@@ -225,6 +235,13 @@ class Session:
                     "--batch-size", f"{self.batch_size} is not allowed; use a whole number from 1 to 1024"
                 )
             )
+        if self.threads is not None and not 0 <= self.threads <= 1024:
+            problems.append(
+                OptionProblem(
+                    "--threads",
+                    f"{self.threads} is not allowed; use 0 (torch's default) or a whole number from 1 to 1024",
+                )
+            )
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
             problems.append(OptionProblem("--cache-dir", f"{self.cache_dir} is a file, not a folder"))
         return problems
@@ -244,6 +261,11 @@ class Session:
             try:
                 memo = _memo(cache)
                 before = dict(memo)
+                if self.model is not None:
+                    # --model gets the checks and the words that the scene's model: gets.
+                    problem = check_model_spec(self.model, Path.cwd())
+                    if problem:
+                        raise InputError([OptionProblem("--model", problem)])
                 try:
                     # A model named on the command line is relative to the current folder, not the scene.
                     base = Path.cwd() if self.model else scene.base_dir
@@ -252,7 +274,11 @@ class Session:
                 except ModelError as exc:
                     raise InputError([f"{scene.path}: {exc}"]) from None
                 misfits = check_against_model(
-                    scene, pipeline_class=ref.pipeline_class, family=ref.family, components=ref.index
+                    scene,
+                    pipeline_class=ref.pipeline_class,
+                    family=ref.family,
+                    components=ref.index,
+                    model=self.model,  # messages name the model used, and that it came from --model
                 )
                 if misfits:
                     raise InputError(misfits)
@@ -326,7 +352,7 @@ class Session:
                     p = self._plan = plan(scene, env)
                     self._resolved = (ref, env)
                     cached = readable_frames(cache, p)
-            setup = RenderSetup(scene, env, ref, p, cache)
+            setup = RenderSetup(scene, env, ref, p, cache, self.threads)
             if on_start is not None:
                 on_start(setup)
             previous = load_plan(cache.records, scene.path)
@@ -348,7 +374,7 @@ class Session:
                     self.targets,
                     batch_size=self.batch_size,
                     quiet=quiet,
-                    make_renderer=lambda: _make_renderer(renderer, setup),
+                    make_renderer=lambda: self._make_renderer(renderer, setup),
                     progress=progress,
                 )
             except ModelError as exc:
@@ -361,7 +387,23 @@ class Session:
         known = set(Report.__dataclass_fields__)
         report = Report(**{k: v for k, v in result.items() if k in known})
         report.seconds = round(time.perf_counter() - started, 3)
+        report.threads = self.threads_used
         return report
+
+    def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
+        """The batch renderer, built when the first frame must render (torch is imported from here)."""
+        if setup.env.device == "cpu":
+            import torch  # about to render anyway: the renderer imports it too
+
+            wanted = choose_threads(setup.threads)
+            if wanted is not None:
+                torch.set_num_threads(wanted)
+            self.threads_used = torch.get_num_threads()
+        if renderer is None:
+            return setup.default()
+        if hasattr(renderer, "render_batch"):
+            return renderer  # type: ignore[return-value]
+        return renderer(setup)  # type: ignore[operator]
 
     # 4. Frames back as pictures.
     def frames(self) -> list[Any]:
@@ -391,14 +433,6 @@ def _load(
         text, shown = source, f"<string {name}>"
     base = (base_dir or Path.cwd()).resolve() / f"{name}.yaml"
     return parse_scene(text, shown, base_path=base, allow_outside_inputs=allow_outside)
-
-
-def _make_renderer(renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
-    if renderer is None:
-        return setup.default()
-    if hasattr(renderer, "render_batch"):
-        return renderer  # type: ignore[return-value]
-    return renderer(setup)  # type: ignore[operator]
 
 
 def _memo(cache: CacheDir | None) -> dict[str, Any]:

@@ -7,8 +7,12 @@ not fit is an error.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,10 @@ from typing import Any
 import pytest
 
 from pipeline.cache import CacheDir, record_key
+from pipeline.models import check_model_spec, resolve_model
 from tests.reliability._helpers_inputs import (
+    EMBEDDED,
+    ROOT,
     cached_frames,
     cli_probe,
     copy_model,
@@ -296,3 +303,114 @@ def test_local_model_folder_named_like_an_embedded_one(tmp_path: Path) -> None:
     assert heavy == []
     assert code == 0, stderr
     assert "8 to render" in stdout
+
+
+# -- --model: the checks and words of model:, and paths relative to the current folder ------------
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}  # a typo must be caught before any network access
+
+
+def cli_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python render.py ARGS`` run from ``cwd`` (not the project root), as a user would."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "render.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **OFFLINE},
+    )
+
+
+def test_model_option_folder_is_relative_to_the_current_folder(tmp_path: Path) -> None:
+    """``--model ./mine`` is the folder in the current folder, even with another 'mine' beside the scene."""
+    folder = tmp_path / "scene"
+    write_scene(folder)
+    copy_model(tmp_path / "mine")  # tiny: what --model ./mine names from tmp_path
+    copy_model(folder / "mine", "tiny-sdxl")  # a different model of the same name beside the scene
+    run = cli_in(tmp_path, "scene/scene.yaml", "--model", "./mine", "--plan", "--json", "--cache-dir", "c")
+    assert run.returncode == 0, run.stderr
+    keys = [row["key"] for row in json.loads(run.stdout)]
+    same = folder / "same.yaml"
+    same.write_text(SCENE.format(model="../mine"))  # the scene naming that folder itself
+    assert keys == [job.key for job in plan_of(same)]
+    beside = folder / "beside.yaml"
+    beside.write_text(SCENE.format(model="mine"))
+    assert keys != [job.key for job in plan_of(beside)]
+
+
+def test_absolute_path_to_a_users_model_is_local_not_embedded(tmp_path: Path) -> None:
+    copy_model(tmp_path / "mine")
+    ref = resolve_model(str(tmp_path / "mine"), Path("/"))
+    assert (ref.kind, ref.is_embedded) == ("local", False)
+    # The project's own folder is embedded however it is named: its weights are the random ones.
+    assert resolve_model(str(EMBEDDED / "tiny"), tmp_path).kind == "embedded"
+    assert resolve_model("tiny", tmp_path).kind == "embedded"
+
+
+@pytest.mark.slow
+def test_no_random_weights_note_for_a_users_model_by_absolute_path(tmp_path: Path) -> None:
+    copy_model(tmp_path / "mine")
+    scene = tmp_path / "scene" / "scene.yaml"
+    scene.parent.mkdir()
+    scene.write_text(SCENE.format(model=tmp_path / "mine").replace("frame: 7", "frame: 1"))
+    mine = cli_in(tmp_path, str(scene), "--cache-dir", "c", "--out", "o1")
+    assert mine.returncode == 0, mine.stderr
+    assert "RANDOM" not in mine.stderr
+    tiny = cli_in(tmp_path, str(scene), "--cache-dir", "c", "--out", "o2", "--model", "tiny")
+    assert tiny.returncode == 0, tiny.stderr
+    assert "note: model 'tiny' is the embedded test model with RANDOM weights" in tiny.stderr
+
+
+def test_model_option_typo_gets_the_words_of_a_scene_typo(tmp_path: Path) -> None:
+    folder = tmp_path / "scene"
+    scene = write_scene(folder)
+    code, heavy, _out, err = cli_probe(
+        str(scene), "--model", "tiny_sdxl", "--plan", "--cache-dir", str(tmp_path / "c"), env=OFFLINE
+    )
+    assert (code, heavy) == (2, [])
+    message = (
+        "'tiny_sdxl' is not an embedded model; did you mean 'tiny-sdxl'? "
+        "embedded: tiny, tiny-depth, tiny-inpaint, tiny-sd3, tiny-sdxl"
+    )
+    assert err.strip() == f"--model: {message}"
+    typo = folder / "typo.yaml"
+    typo.write_text(SCENE.format(model="tiny_sdxl"))
+    code, heavy, _out, err = cli_probe(str(typo), "--plan", "--cache-dir", str(tmp_path / "c"), env=OFFLINE)
+    assert (code, heavy) == (2, [])
+    assert err.strip() == f"{typo}:1:8: model: {message}"
+
+
+def test_model_option_that_cannot_render_the_scenes_mode_is_named(tmp_path: Path) -> None:
+    """``--model tiny-inpaint`` on a txt2img scene: the message names that model, not the scene's."""
+    scene = write_scene(tmp_path / "scene")
+    code, heavy, _out, err = cli_probe(
+        str(scene), "--model", "tiny-inpaint", "--plan", "--cache-dir", str(tmp_path / "c")
+    )
+    assert (code, heavy) == (2, [])
+    assert err.strip() == (
+        f"{scene}:1:1: mode txt2img is not possible with --model 'tiny-inpaint' "
+        "(StableDiffusionInpaintPipeline); it renders: inpaint; "
+        "the scene sets no 'mode', so it is txt2img, the default"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tiny", None),
+        ("owner/name", None),
+        ("tiny-xl", "'tiny-xl' is not an embedded model; did you mean 'tiny-sdxl'? embedded: "),
+        ("hello", "'hello' is neither an embedded model (tiny, "),
+        ("./nothere", "folder './nothere' not found (looked for "),
+        ("a\0b", "'a\\x00b' is not a usable path ("),
+        ("x" * 5000, "' is not a usable path ("),
+    ],
+)
+def test_check_model_spec(spec: str, message: str | None, tmp_path: Path) -> None:
+    found = check_model_spec(spec, tmp_path)
+    if message is None:
+        assert found is None
+    else:
+        assert found is not None and message in found, found
+        assert found.isprintable() and len(found) < 400

@@ -36,7 +36,14 @@ from pydantic_core import PydanticCustomError
 from pipeline import curves
 from pipeline.gcpause import gc_paused
 from pipeline.schedulers import scheduler_names
-from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient
+from pipeline.yamlio import (
+    DEFORUM_SCHEDULE,
+    Problem,
+    SceneError,
+    YamlDoc,
+    deforum_hint,
+    load_yaml_lenient,
+)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
@@ -496,7 +503,7 @@ def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any,
         except ValidationError as exc:
             errors = exc.errors()
         for err in errors:
-            loc = _clean_loc(tuple(err["loc"]))
+            loc = _clean_loc(tuple(err["loc"]), doc.data)
             missing = err["type"] == "missing"
             # A required key is missing because its bad value was set aside: already reported,
             # and it now gets a stand-in.
@@ -576,16 +583,27 @@ def _lookup(data: Any, path: tuple[Any, ...]) -> Any:
     return data
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # Union branches and validator wrappers add their names to loc ("frame", "int"); drop them.
-    return tuple(
-        x
-        for x in loc
-        if not (
-            isinstance(x, str)
-            and ("[" in x or x in ("int", "str", "float", "function-before", "function-after"))
-        )
-    )
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """A pydantic error location as a path into the scene's data.
+
+    Union branches and validator wrappers add their names to loc ('list[PromptPart]', 'int',
+    'function-before[...]'); those are dropped, unless the scene itself has a key of that name
+    there (a user's key 'keyfr[ames' or 'int' is a place in the file, not a pydantic tag).
+    """
+    out: list[Any] = []
+    for x in loc:
+        if (isinstance(data, dict) and x in data) or (
+            isinstance(data, list) and isinstance(x, int) and 0 <= x < len(data)
+        ):
+            data = data[x]
+        elif isinstance(x, str) and (
+            "[" in x or x in ("int", "str", "float", "function-before", "function-after")
+        ):
+            continue
+        else:
+            data = None  # a key the data lacks: a missing one, or a field of a shorthand value
+        out.append(x)
+    return tuple(out)
 
 
 def _kind(name: str) -> str:
@@ -684,21 +702,53 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# Top-level keys that belong in keyframes, with what users of other tools call them: Deforum's
+# 'prompts'/'animation_prompts' and '<value>_schedule' strings, Parseq's per-frame rows.
+_KEYFRAME_ONLY = {"prompt", "prompts", "animation_prompts", "frame", "hold", "lora"}
+
+
+def _keyframe_key_hint(key: str) -> str | None:
+    """Why a top-level ``key`` belongs in 'keyframes' (and how to write it there), or None."""
+    if key in _KEYFRAME_ONLY:
+        name = "prompt" if "prompt" in key else key
+        example = {
+            "prompt": "prompt: a dog",
+            "frame": "prompt: a dog",
+            "hold": "hold: true",
+            "lora": "lora: {style: 0.8}",
+        }[name]
+        return f"'{name}' is set per keyframe, in 'keyframes': e.g. keyframes: [{{frame: 0, {example}}}]"
+    if key.endswith("_schedule"):
+        name = key.removesuffix("_schedule")
+        return deforum_hint(name if name in SCALARS else "guidance")
+    return None
+
+
 def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
     kind = err["type"]
     value = err.get("input")
-    clean = _clean_loc(tuple(err["loc"]))
+    clean = _clean_loc(tuple(err["loc"]), doc.data)
     where = _where_words(clean)
     if kind == "extra_forbidden":
         key = str(clean[-1])
         model = _model_at(clean[:-1])
         allowed = sorted(model.model_fields) if model else []
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
         context = _where_words(clean[:-1])
         inside = f" in {context}" if context else ""
+        keyframe_hint = _keyframe_key_hint(key) if len(clean) == 1 else None
+        if keyframe_hint is not None:
+            return doc.problem(
+                clean, f"unknown key '{_shorten(key, 40)}' at the top level; {keyframe_hint}", key=True
+            )
+        if DEFORUM_SCHEDULE.match(key):
+            # '{frame: 0, guidance: 0:(7.5), 30:(9)}' splits at the comma: '30:(9)' is read as a key.
+            return doc.problem(
+                clean, f"unknown key '{_shorten(key, 40)}'{inside}; {deforum_hint()}", key=True
+            )
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         return doc.problem(
-            clean, f"unknown key '{key}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True
+            clean, f"unknown key '{_shorten(key, 40)}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True
         )
     if kind == "missing":
         return doc.problem(
@@ -709,6 +759,8 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
         hint = ""
         if kind == "bool_type" and isinstance(value, str):
             hint = " (YAML 1.2: only true and false are booleans; yes/no/on/off are text)"
+        elif kind in ("int_type", "float_type") and isinstance(value, str) and DEFORUM_SCHEDULE.match(value):
+            hint = f"; {deforum_hint(str(clean[-1]))}"
         elif kind in ("int_type", "float_type") and isinstance(value, str) and ":" in value:
             hint = " (values like 1:30 are text, not minutes:seconds)"
         elif value is None:

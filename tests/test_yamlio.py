@@ -101,3 +101,104 @@ def test_a_scene_keyed_at_every_frame_reads_the_same_either_way(monkeypatch):
     fast, slow = _both(text, monkeypatch)
     assert fast == slow
     assert isinstance(fast, tuple) and fast[1][("keyframes", 499, "guidance")] == (501, 45)
+
+
+# ---------------------------------------------------------------------------------------------
+# Syntax errors in the words of someone who writes scenes, at the line that causes them
+
+SYNTAX = [
+    # (text, line, column, words of the message)
+    (
+        "keyframes:\n  - frame: 0\n    prompt: a\n   seed: 3\n",
+        4,
+        4,
+        "'seed' is indented 3 spaces; keys of one mapping must line up: indent it 4 spaces (like 'prompt' on line 3)",
+    ),
+    ("size: [64, 64]\n  steps: 2\n", 2, 3, "'steps' is indented 2 spaces; keys of one mapping must line up"),
+    (
+        "keyframes:\n  - frame: 0\n     prompt: a dog\n",
+        3,
+        6,
+        "'prompt' is indented 5 spaces, deeper than 'frame' on line 2 (4 spaces)",
+    ),
+    (
+        "keyframes:\n  - frame: 0\n    prompt: a\n - frame: 3\n",
+        4,
+        2,
+        "this list item is indented 1 space; list items must line up: indent it 2 spaces (like the item on line 2)",
+    ),
+    # An unclosed quote: where it opens, whether the parser meets the end of the file or a later quote.
+    ('keyframes:\n  - frame: 0\n    prompt: "a dog\n', 3, 13, 'the quote (") opened here is never closed'),
+    (
+        'keyframes:\n  - frame: 0\n    prompt: "a dog\n  - frame: 12\n    prompt: "a cat"\n',
+        3,
+        13,
+        'the quote (") opened here is only closed on line 5',
+    ),
+    ("a: 'it\nb: 1\n", 1, 4, "the quote (') opened here is never closed"),
+    ("size: [64, 64\nsteps: 3\n", 1, 7, "the '[' opened here is not closed before line 2; close it with ']'"),
+    (
+        "k:\n  - {frame: 0, prompt: a\n  - {frame: 3}\n",
+        2,
+        5,
+        "the '{' opened here is not closed before line 3",
+    ),
+    ("keyframes:\n  - frame: 0\n    prompt: a dog: cute\n", 3, 13, 'put the value in quotes: "a dog: cute"'),
+    ("guidance: 0: (7.5), 30: (9)\n", 1, 11, "this looks like a Deforum schedule"),
+    ("keyframes:\n\t- frame: 0\n", 2, 1, "a tab is used to indent this line; YAML indents with spaces only"),
+    (
+        "keyframes:\n  -frame: 0\n    prompt: a\n",
+        2,
+        3,
+        "a list item needs a space after '-': write '- frame: 0'",
+    ),
+    (
+        "keyframes:\n  - frame:0\n    prompt: a\n",
+        2,
+        11,
+        "a key needs a space after ':'; 'frame:0' is read as text",
+    ),
+    (
+        "keyframes:\n  - frame: 0\n    prompt a dog\n  - frame: 3\n",
+        3,
+        5,
+        "'prompt a dog' has no ':' after its key",
+    ),
+    ('init_image: "C:\\dogs\\a.png"\n', 1, 17, "use single quotes for text with backslashes"),
+    ("a: 1\n---\nb: 2\n", 2, 1, "a second YAML document starts here"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "col", "words"), SYNTAX, ids=[str(i) for i in range(len(SYNTAX))])
+def test_syntax_errors_say_what_is_wrong_where_it_is(text: str, line: int, col: int, words: str) -> None:
+    with pytest.raises(SceneError) as info:
+        load_yaml_lenient(text, "s.yaml")
+    (problem,) = info.value.problems
+    assert (problem.line, problem.col) == (line, col), problem
+    assert problem.message.startswith("YAML syntax error: ") and words in problem.message, problem.message
+    assert "<block" not in problem.message and "\n" not in problem.message
+
+
+def test_mangled_scenes_are_always_located_problems_never_a_crash() -> None:
+    """Seeded random edits of every example and corpus file: only SceneErrors of one-line problems."""
+    import random
+
+    from pipeline.scene import parse_scene
+
+    rng = random.Random(10)
+    texts = [f.read_text() for f in FILES]
+    edits = [" ", "", '"', "'", "[", "]", "{", "}", ":", "- ", "\t", "\n", ": ", ",", "#", "\\", "---\n", "?"]
+    for _ in range(400):
+        text = rng.choice(texts)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text) + 1)
+            text = text[:i] + rng.choice(edits) + text[i + rng.choice([0, 0, 1, 2]) :]
+        try:
+            parse_scene(text, "s.yaml")
+        except SceneError as exc:
+            assert exc.problems and all("\n" not in p.message and p.line >= 1 for p in exc.problems)
+
+
+def test_an_integer_beyond_4300_digits_stays_text() -> None:
+    doc, problems = load_yaml_lenient(f"a: {'9' * 4301}\nb: {'9' * 4300}\n", "s.yaml")
+    assert doc.data["a"] == "9" * 4301 and doc.data["b"] == int("9" * 4300) and problems == []

@@ -109,37 +109,39 @@ def _partial_name(name: str, pid: str, token: str) -> str:
     return f".{name}.partial-{pid}-{token}{Path(name).suffix}"
 
 
-def name_length_problem(path: Path, kind: str, frames: int = 1) -> str | None:
+def name_length_problem(
+    path: Path, kind: str, frames: int = 1, *, limits: dict[str, tuple[str, int, int]] | None = None
+) -> str | None:
     """Why ``path`` cannot be written as a ``kind`` output for its length alone, or None if it can.
 
     Checked before rendering, since the file system refuses a long name only when the output is
-    written, after every frame has rendered. Every component of the absolute ``path`` must fit the
-    file system's NAME_MAX (asked of the nearest folder that exists; 255 where it cannot say), the
-    file's own name once ``atomic_output`` has added its temporary prefix and suffix (with the
-    longest possible pid), and the whole temporary path must fit PATH_MAX (4096 where it cannot
-    say). A frames folder's files are ``frame_NNNNN.png`` inside it, for ``frames`` frames.
+    written, after every frame has rendered. Each folder still to be made and the file's own name,
+    once ``atomic_output`` has added its temporary prefix and suffix (with the longest possible
+    pid), must fit NAME_MAX, and the whole temporary path PATH_MAX; both are asked of the nearest
+    folder that exists (a folder made inside it is on the same file system), 255 and 4096 where it
+    cannot say. A frames folder's files are ``frame_NNNNN.png`` inside it, for ``frames`` frames.
+    ``limits`` memoises the folder look-ups over many paths (one dict per check of a scene).
     """
-    path = Path(path)
-    file = path / f"frame_{max(frames - 1, 0):05d}.png" if kind == "frames" else path
-    partial = _partial_name(file.name, "9" * _PID_DIGITS, "f" * 2 * _TOKEN_BYTES)
-    folder = Path(file.anchor)
-    components = file.parts[1:]
-    for i, component in enumerate(components):
-        limit = _pathconf(folder, "PC_NAME_MAX", 255)
-        if _name_units(component) > limit:
-            return f"'{_shorten(component)}' is {_name_units(component)} bytes long; this file system allows {limit} per name"
-        if i == len(components) - 1 and _name_units(partial) > limit:
-            extra = _name_units(partial) - _name_units(component)
-            return (
-                f"'{_shorten(component)}' is {_name_units(component)} bytes long, and {extra} more while it is "
-                f"written (a temporary name beside it); this file system allows {limit} per name, so at most "
-                f"{limit - extra} for this name"
-            )
-        folder = folder / component
-    full = str(file.parent / partial)
-    limit = _pathconf(file.parent, "PC_PATH_MAX", 4096)
-    if _name_units(full) >= limit:  # PATH_MAX counts the terminating NUL
-        return f"its full path is {_name_units(full)} bytes long while it is written; this file system allows {limit - 1}"
+    path_text = os.fspath(path)
+    file = os.path.join(path_text, f"frame_{max(frames - 1, 0):05d}.png") if kind == "frames" else path_text
+    parent, name = os.path.split(file)
+    existing, name_max, path_max = _limits(parent, {} if limits is None else limits)
+    for component in [*parent[len(existing) :].split(os.sep), name]:
+        if component and _name_units(component) > name_max:
+            return f"'{_shorten(component)}' is {_name_units(component)} bytes long; this file system allows {name_max} per name"
+    partial = _partial_name(name, "9" * _PID_DIGITS, "f" * 2 * _TOKEN_BYTES)
+    if _name_units(partial) > name_max:
+        extra = _name_units(partial) - _name_units(name)
+        return (
+            f"'{_shorten(name)}' is {_name_units(name)} bytes long, and {extra} more while it is written "
+            f"(a temporary name beside it); this file system allows {name_max} per name, so at most "
+            f"{name_max - extra} for this name"
+        )
+    full = _name_units(os.path.join(parent, partial))
+    if full >= path_max:  # PATH_MAX counts the terminating NUL
+        return (
+            f"its full path is {full} bytes long while it is written; this file system allows {path_max - 1}"
+        )
     return None
 
 
@@ -154,21 +156,36 @@ def _shorten(name: str, keep: int = 30) -> str:
     return name if len(name) <= 2 * keep + 3 else f"{name[:keep]}...{name[-keep:]}"
 
 
-def _pathconf(path: Path, name: str, default: int) -> int:
-    """``os.pathconf`` of ``path`` or of its nearest folder that exists; ``default`` where unknown."""
-    for folder in (path, *path.parents):
-        try:
-            value = os.pathconf(folder, name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                continue
+def _limits(folder: str, memo: dict[str, tuple[str, int, int]]) -> tuple[str, int, int]:
+    """(nearest existing folder of ``folder``, its NAME_MAX, its PATH_MAX); 255 and 4096 where unknown."""
+    if folder in memo:
+        return memo[folder]
+    found: tuple[str, int, int]
+    try:
+        found = (folder, _pathconf(folder, "PC_NAME_MAX", 255), _pathconf(folder, "PC_PATH_MAX", 4096))
+    except (FileNotFoundError, NotADirectoryError):
+        up = os.path.dirname(folder)
+        found = (folder, 255, 4096) if up == folder else _limits(up, memo)
+    except OSError as exc:
+        # A name too long to look up has its parent looked up instead; anything else (no permission
+        # to search the folder, say) is left to the write itself, under the usual limits.
+        long = exc.errno == errno.ENAMETOOLONG
+        found = _limits(os.path.dirname(folder), memo) if long else (folder, 255, 4096)
+    memo[folder] = found
+    return found
+
+
+def _pathconf(folder: str, name: str, default: int) -> int:
+    """``os.pathconf``, or ``default`` where the system cannot say; raises OSError if ``folder`` is not there."""
+    try:
+        value = os.pathconf(folder, name)
+    except (ValueError, AttributeError):  # a name the system does not know; no pathconf (Windows)
+        return default
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return default
-        except (ValueError, AttributeError):  # a name the system does not know; no pathconf (Windows)
-            return default
-        return value if value and value > 0 else default
-    return default
+        raise
+    return value if value and value > 0 else default
 
 
 def _fsync_path(path: Path) -> None:

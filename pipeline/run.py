@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,8 @@ def check_outputs(scene: Scene, out_dir: Path) -> Targets:
     protected = {scene.path.resolve()} | {scene.resolve(rel) for rel in input_files(scene)}
     outputs = scene.effective_outputs()
     targets, problems = [], []
-    claimed = _Claimed()
+    claimed = _Claimed(out_dir)
+    limits: dict[str, tuple[str, int, int]] = {}  # file system limits by folder
     for i, out in enumerate(outputs):
         kind = output_kind(out)
         assert kind is not None  # validated with the scene
@@ -114,7 +115,7 @@ def check_outputs(scene: Scene, out_dir: Path) -> Targets:
                     "overwrite the other; give each output its own path, none inside another output's folder",
                 )
             )
-        elif (why := name_length_problem(path, kind, scene.total_frames)) is not None:
+        elif (why := name_length_problem(path, kind, scene.total_frames, limits=limits)) is not None:
             problems.append(scene.problem(at, f"output {i + 1} cannot be written: {why}"))
         claimed.add(path, i)
         targets.append(Target(out, kind, path))
@@ -124,27 +125,40 @@ def check_outputs(scene: Scene, out_dir: Path) -> Targets:
 
 
 class _Claimed:
-    """Resolved output paths seen so far, to find two outputs that would write over each other."""
+    """Resolved output paths seen so far, to find two outputs that would write over each other.
 
-    def __init__(self) -> None:
-        self.paths: dict[Path, int] = {}  # output path -> its index
-        self.folders: dict[Path, int] = {}  # every folder above an output path -> the first output below it
+    Paths are compared as strings, folder by folder up to the output folder: a scene with 20,000
+    outputs is checked in a fraction of a second."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.paths: dict[str, int] = {}  # output path -> its index
+        self.folders: dict[str, int] = {}  # every folder above an output path -> the first output below it
+
+    def _parents(self, path: str) -> Iterator[str]:
+        while path != self.root and (up := os.path.dirname(path)) != path:
+            path = up
+            yield path
 
     def overlap(self, path: Path) -> tuple[int, str] | None:
         """(index, how) of an earlier output that ``path`` is, lies inside, or contains; else None."""
-        if path in self.paths:
-            return self.paths[path], "is the same path as"
-        for parent in path.parents:
+        text = str(path)
+        if text in self.paths:
+            return self.paths[text], "is the same path as"
+        for parent in self._parents(text):
             if parent in self.paths:
                 return self.paths[parent], "lies inside"
-        if path in self.folders:
-            return self.folders[path], "is a folder that holds"
+        if text in self.folders:
+            return self.folders[text], "is a folder that holds"
         return None
 
     def add(self, path: Path, index: int) -> None:
-        self.paths.setdefault(path, index)
-        for parent in path.parents:
-            self.folders.setdefault(parent, index)
+        text = str(path)
+        self.paths.setdefault(text, index)
+        for parent in self._parents(text):
+            if parent in self.folders:
+                break  # and so are all above it
+            self.folders[parent] = index
 
 
 class CachedFrames(Sequence[Any]):

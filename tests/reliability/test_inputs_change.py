@@ -1,18 +1,19 @@
 """An input that changes during a run never leaves a frame under a key that does not describe it.
 
 Keys are computed when the run is planned, from the content of every input then; frames are made
-later. Each test plans a scene, then changes one input (init image, mask, a weight file of a local
-model folder, a LoRA file, a learned-embedding file) exactly in that window, then renders as the run
-loop does (load, configure, render each frame and store it the moment it is done). The swap is
-placed by the test itself between the stages, not by timing, so every case is deterministic.
+later. Each test renders a scene through the Python API and changes one input (init image, mask, a
+weight file of a local model folder, a LoRA file, a learned-embedding file) from the render's
+``on_start`` hook, which runs exactly in that window: after planning, before the model loads. The
+change is placed by the injected hook, not by timing, so every case is deterministic.
 
 The rule checked: afterwards the cache holds no frame whose pixels differ from a cold render of its
 key, and a render that would have read other bytes than the planned ones stops with
-:class:`~pipeline.models.InputChanged` before storing anything made from them.
+an error (``InputChanged``, exit 1 from the CLI) before storing anything made from them.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +23,11 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from pipeline import app
 from pipeline.cache import CacheDir
 from pipeline.environment import resolve_env
-from pipeline.models import InputChanged, load_pipeline, resolve_model
+from pipeline.models import InputChanged
 from pipeline.planner import plan
-from pipeline.renderer import FrameRenderer, configure
 from pipeline.scene import load_scene
 from tests.reliability._helpers_inputs import (
     cached_frames,
@@ -89,22 +90,23 @@ CHANGES: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 
 
-def render_planned_then_changed(scene_path: Path, cache_dir: Path, change: Callable[[], None]) -> list[str]:
-    """Plan, let ``change`` alter an input, then render every frame as the run loop does, storing
-    each one as soon as it is made. Returns the keys stored; raises what rendering raised."""
-    scene = load_scene(scene_path)
-    ref = resolve_model(scene.model, scene.base_dir)
-    p = plan(scene, resolve_env(scene, device="cpu", ref=ref))
-    change()  # the window: after the keys were computed, before anything is read to render
-    stored: list[str] = []
-    with CacheDir(cache_dir) as cache:
-        pipe = configure(load_pipeline(ref, device="cpu", dtype="float32"), scene)
-        renderer = FrameRenderer(pipe, scene, p, cache, device="cpu", dtype="float32")
-        for job in p:
-            [png] = renderer.render_batch([job])
-            cache.frames.put(job.key, png)
-            stored.append(job.key)
-    return stored
+def render_planned_then_changed(scene_path: Path, cache_dir: Path, change: Callable[[], None]) -> str:
+    """Render through the Python API (the CLI's own path), with ``change`` run by its ``on_start``
+    hook: after the frames' keys were computed, before the model loads or any input is read.
+    Returns the error a failed run reports (the CLI prints it and exits 1), or '' if it finished."""
+    session = app.open(
+        scene_path,
+        cache_dir=cache_dir,
+        out_dir=cache_dir.parent / "out",
+        device="cpu",
+        batch_size=1,
+        threads=1,
+    )
+    try:
+        session.render(on_start=lambda setup: change())
+    except app.RenderError as exc:
+        return str(exc)
+    return ""
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,7 @@ def cold(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     """Frame key -> pixels of a cold render of the unchanged scene, in a fresh cache."""
     folder = tmp_path_factory.mktemp("cold")
     scene = make_folder(folder)
-    render_ok(scene, folder / "cache", "--out", str(folder / "out"))
+    render_ok(scene, folder / "cache", "--out", str(folder / "out"), "--threads", "1")
     keys = [job.key for job in plan(load_scene(scene), resolve_env(load_scene(scene), device="cpu"))]
     assert len(set(keys)) == FRAMES
     return dict(zip(keys, cached_frames(folder / "cache", keys), strict=True))
@@ -136,11 +138,7 @@ def test_input_changed_after_planning_stores_no_wrong_frame(
 ) -> None:
     scene = make_folder(tmp_path)
     rel, how = CHANGES[kind]
-    try:
-        render_planned_then_changed(scene, tmp_path / "cache", lambda: how(tmp_path / rel))
-        stopped = ""
-    except InputChanged as exc:
-        stopped = str(exc)
+    stopped = render_planned_then_changed(scene, tmp_path / "cache", lambda: how(tmp_path / rel))
     # The rule first: whatever happened, no frame in the cache differs from a cold render of its key.
     stored = assert_cache_matches_cold(tmp_path / "cache", cold)
     # The run stopped at the first read of the changed file, with a message that names it ...
@@ -164,8 +162,10 @@ def test_model_file_replaced_and_put_back_during_the_run_stops_it(
         _scale_tensors(0.5)(weights)
         shutil.copy2(keep, weights)  # same bytes again, as when planned
 
-    with pytest.raises(InputChanged, match=r"model 'models/tiny': .*diffusion_pytorch_model\.safetensors"):
-        render_planned_then_changed(scene, tmp_path / "cache", swap_and_put_back)
+    stopped = render_planned_then_changed(scene, tmp_path / "cache", swap_and_put_back)
+    assert re.search(
+        r"model 'models/tiny': .*diffusion_pytorch_model\.safetensors changed during the run", stopped
+    )
     assert assert_cache_matches_cold(tmp_path / "cache", cold) == 0
 
 
@@ -182,7 +182,7 @@ def test_image_changed_and_put_back_before_it_is_read_renders_right(
         _flip(image)
         image.write_bytes(original)
 
-    assert len(render_planned_then_changed(scene, tmp_path / "cache", change_and_restore)) == FRAMES
+    assert render_planned_then_changed(scene, tmp_path / "cache", change_and_restore) == ""
     assert assert_cache_matches_cold(tmp_path / "cache", cold) == FRAMES
 
 
@@ -195,16 +195,16 @@ def test_run_again_after_the_change_renders_the_right_frames(
     scene = make_folder(tmp_path)
     image = tmp_path / "inputs" / "landscape.png"
     original = image.read_bytes()
-    with pytest.raises(InputChanged):
-        render_planned_then_changed(scene, tmp_path / "cache", lambda: _flip(image))
+    stopped = render_planned_then_changed(scene, tmp_path / "cache", lambda: _flip(image))
+    assert "input 'inputs/landscape.png' changed during the run" in stopped
     image.write_bytes(original)
-    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out"))
+    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out"), "--threads", "1")
     assert (report["rendered"], report["cached"]) == (FRAMES - 1, 1)
     frames = folder_frames(tmp_path / "out" / "frames")
     assert all(np.array_equal(f, cold[k]) for f, k in zip(frames, cold, strict=True))
     # And with the changed image kept, the next run plans from it: new keys for the frames it feeds.
     _flip(image)
-    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out2"))
+    report = render_ok(scene, tmp_path / "cache", "--out", str(tmp_path / "out2"), "--threads", "1")
     assert (report["rendered"], report["cached"]) == (2, 1)
 
 

@@ -9,6 +9,12 @@ A cache directory holds three independent `diskcache` stores::
 Several render processes may share one directory: every write is a short sqlite transaction and
 a writer that finds the database locked waits (up to `SQLITE_TIMEOUT_S`) instead of failing.
 
+A cache this process may not write (a read-only mount, a folder without write permission) is still
+served: `CacheDir.open` then opens it read-only, through plain read-only sqlite connections that write
+nothing at all (not even diskcache's settings or the WAL index), so ``--plan`` and fully cached renders
+work; storing a frame raises `CacheReadOnly`. Opening problems are one `CacheUnavailable` that says
+which store failed and why (damaged, disk full, not writable).
+
 The directory is treated as untrusted input. Anyone who can write to it must not be able to make
 us run code, so nothing read from it is ever unpickled (`SafeDisk` refuses pickle-mode rows), and
 every value carries a magic + sha256(key, payload) envelope so that corruption (a flipped bit, a
@@ -34,19 +40,27 @@ Example::
 
     # The torch-free planner only looks, and never creates a cache that is not there:
     cache = CacheDir.open_readonly("cache")  # None if nothing was ever cached
+    # A render opens it for writing, read-only where the disk refuses writes:
+    cache = CacheDir.open("cache")            # cache.readonly tells which
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
+import stat
+import threading
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +74,13 @@ __all__ = [
     "SQLITE_TIMEOUT_S",
     "STORE_NAMES",
     "CacheDir",
+    "CacheReadOnly",
+    "CacheUnavailable",
     "CacheWarning",
     "CorruptEntry",
     "SafeDisk",
     "Store",
+    "StoreSurvey",
     "UnsafeEntry",
     "check_key",
     "record_key",
@@ -122,6 +139,81 @@ class CorruptEntry(Exception):
 
 class UnsafeEntry(CorruptEntry):
     """A stored key or value is in pickle mode; reading it would mean unpickling untrusted data."""
+
+
+class CacheReadOnly(PermissionError):
+    """A write to a cache that was opened read-only (see `CacheDir.open`)."""
+
+
+class CacheUnavailable(OSError):
+    """The cache directory cannot be opened. ``kind`` says why, ``store`` which store failed:
+
+    - ``"damaged"``: a store's database is not a readable sqlite database (only that store is bad);
+    - ``"full"``: the disk is full (sqlite could not even open the store);
+    - ``"denied"``: the cache does not exist yet and cannot be created here (read-only, no permission);
+    - ``"other"``: anything else (``cause`` holds the original error).
+
+    An `OSError`, so code that treats any I/O failure as fatal keeps doing so.
+    """
+
+    def __init__(self, path: Path, kind: str, cause: BaseException, store: str | None = None) -> None:
+        where = f"the {store} store of the cache in {path}" if store else f"the cache in {path}"
+        super().__init__(f"cannot open {where}: {cause or type(cause).__name__}")
+        self.path = path
+        self.kind = kind
+        self.cause = cause
+        self.store = store
+
+    def hint(self, command: str = "python render.py") -> str:
+        """What the user should do, one line; never advice that would destroy an intact store."""
+        if self.kind == "full":
+            return "free some space on that disk, or choose another --cache-dir"
+        if self.kind == "damaged":
+            return (
+                f"that store is damaged; remove just it with: {command} cache clear --store {self.store} "
+                f"--yes --cache-dir {self.path} (the other stores are kept)"
+            )
+        if self.kind == "denied":
+            return "choose a folder you can write with --cache-dir"
+        return f"check that {self.path} is a readable folder, or choose another --cache-dir"
+
+
+#: Below this much free space, a store that fails to open is taken to have failed for lack of space.
+_NEARLY_FULL = 256 * 1024
+
+
+def _disk_full(where: Path | None) -> bool:
+    """Whether the file system holding `where` (or its nearest existing parent) is (nearly) full."""
+    if where is None:
+        return False
+    for folder in (where, *where.parents):
+        try:
+            st = os.statvfs(folder)
+        except (OSError, AttributeError):
+            continue
+        return st.f_bavail * st.f_frsize < _NEARLY_FULL
+    return False
+
+
+def _open_failure(exc: BaseException, where: Path | None = None) -> str:
+    """Classify an error raised while opening a store: 'full', 'damaged', 'readonly' or 'other'."""
+    code = getattr(exc, "errno", None)
+    text = str(exc).lower()
+    if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text or "no space" in text:
+        return "full"
+    if "disk i/o error" in text and _disk_full(where):
+        # What sqlite says when it cannot size the WAL index (-shm file) on a full disk.
+        return "full"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text:
+        return "readonly"
+    if "unable to open database file" in text:
+        # What sqlite says when it cannot create the WAL index beside a database it may not write.
+        return "readonly"
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return "damaged"  # "file is not a database", "database disk image is malformed"
+    if "malformed" in text or "not a database" in text:
+        return "damaged"
+    return "other"
 
 
 def check_key(key: object) -> str:
@@ -235,6 +327,74 @@ class SafeDisk(diskcache.Disk):
             raise CorruptEntry(f"value file {filename} unreadable: {exc}") from None
 
 
+class _ReadOnlyDB:
+    """The part of `diskcache.Cache` a read-only `Store` uses, over read-only sqlite connections.
+
+    Opening a `diskcache.Cache` writes (its settings, its schema, the WAL index), which fails on a
+    read-only mount and needlessly touches a cache that ``--plan`` only looks at. This opens the
+    database with ``mode=ro``; where even that fails because the folder cannot hold the WAL index
+    (a read-only mount of a cache whose last writer exited cleanly, or a full disk), with
+    ``immutable=1``, which reads the database file alone. Rows seen that way may lag a writer's newest ones (a miss, never wrong
+    bytes: every value is checked against its key's digest).
+    """
+
+    def __init__(self, directory: Path, timeout: float) -> None:
+        self.directory = directory
+        self.timeout = timeout
+        self.disk = SafeDisk(str(directory))
+        self._local = threading.local()
+        # A damaged file fails here, not later. A store that another process is creating right now
+        # may not have its tables yet: that is no store (yet), like a missing one.
+        tables = self._sql("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        if not {"Settings", "Cache"} <= {name for (name,) in tables}:
+            self.close()
+            raise FileNotFoundError(f"the cache store at {directory} is still being created")
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(str((self.directory / DBNAME).resolve())) + "?mode=ro"
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+            try:
+                con.execute(
+                    "SELECT 1 FROM sqlite_master LIMIT 1"
+                ).fetchall()  # connecting is lazy; this opens
+            except sqlite3.Error:
+                con.close()
+                raise
+            return con
+        except sqlite3.OperationalError:
+            if os.access(self.directory, os.W_OK) and not _disk_full(self.directory):
+                raise  # not the WAL index: a real problem, reported by the caller
+        return sqlite3.connect(uri + "&immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
+
+    @property
+    def _sql(self) -> Any:
+        # One connection per thread and per process, as diskcache does (sqlite objects must not
+        # cross threads, and a forked child must not share its parent's file locks).
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.con = None
+            self._local.pid = os.getpid()
+        if self._local.con is None:
+            self._local.con = self._connect()
+        return self._local.con.execute
+
+    def _setting(self, name: str) -> Any:
+        rows = self._sql("SELECT value FROM Settings WHERE key = ?", (name,)).fetchall()
+        return rows[0][0] if rows else None
+
+    def settings(self) -> dict[str, Any]:
+        return {name: self._setting(name) for name in diskcache.DEFAULT_SETTINGS}
+
+    def __len__(self) -> int:
+        return int(self._setting("count") or 0)
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None and getattr(self._local, "pid", None) == os.getpid():
+            con.close()
+        self._local.con = None
+
+
 class Store:
     """One diskcache-backed key/value store: 64-hex keys to bytes (or canonical JSON).
 
@@ -249,18 +409,28 @@ class Store:
         create: bool = True,
         readonly: bool = False,
         timeout: float = SQLITE_TIMEOUT_S,
+        skip_puts: bool = False,
     ) -> None:
         """Open (and with ``create=True`` create) the store in `directory`.
 
         With ``create=False`` a missing store raises `FileNotFoundError` instead of being created.
-        With ``readonly=True`` writes raise `PermissionError` and corrupt entries are reported but
-        left in place (the caller promised not to modify the cache).
+        With ``readonly=True`` nothing is ever written (the database is opened read-only), writes
+        raise `CacheReadOnly` and corrupt entries are reported but left in place. ``skip_puts`` (with
+        ``readonly``) makes `put` a no-op instead: for bookkeeping records that only speed up later
+        runs, on a cache that cannot be written (see `CacheDir.open`).
         """
         self._directory = Path(directory)
         if not create and not (self._directory / DBNAME).is_file():
             raise FileNotFoundError(f"no cache store at {self._directory}")
         self._readonly = readonly
-        self._cache = diskcache.Cache(str(self._directory), timeout=timeout, disk=SafeDisk, **_CACHE_SETTINGS)
+        self._skip_puts = readonly and skip_puts
+        self._cache: Any
+        if readonly:
+            self._cache = _ReadOnlyDB(self._directory, timeout)
+        else:
+            self._cache = diskcache.Cache(
+                str(self._directory), timeout=timeout, disk=SafeDisk, **_CACHE_SETTINGS
+            )
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -274,6 +444,8 @@ class Store:
 
     def settings(self) -> dict[str, Any]:
         """The diskcache settings in effect (eviction_policy, size_limit, ...), for diagnostics."""
+        if self._readonly:
+            return dict(self._cache.settings())
         return {name: getattr(self._cache, name) for name in diskcache.DEFAULT_SETTINGS}
 
     def __repr__(self) -> str:
@@ -299,34 +471,66 @@ class Store:
                     return None
         return None
 
-    def put(self, key: str, payload: bytes) -> None:
-        """Store `payload` under `key`, replacing any previous value."""
+    def put(self, key: str, payload: bytes, *, tag: str | None = None) -> None:
+        """Store `payload` under `key`, replacing any previous value. `tag` labels the row (see `tagged`)."""
         check_key(key)
         if not isinstance(payload, bytes):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        if self._skip_puts:
+            logger.debug("read-only cache: not recording %s in %s", key[:16], self._directory)
+            return
         self._check_writable()
         try:
             # retry=False on purpose: diskcache's retry loop spins forever on *any* OperationalError
             # at BEGIN (e.g. a read-only database). The sqlite busy timeout already makes us wait.
-            self._cache.set(key, payload, retry=False)
+            self._cache.set(key, payload, tag=tag, retry=False)
         except diskcache.Timeout as exc:
             raise TimeoutError(
                 f"could not lock {self._directory / DBNAME} for writing within {self._cache.timeout}s "
                 "(another process holding it, or the database is not writable)"
             ) from exc
 
-    def add(self, key: str, payload: bytes) -> bool:
+    def add(self, key: str, payload: bytes, *, tag: str | None = None) -> bool:
         """Store `payload` under `key` only if no row exists; atomic across processes. True if stored."""
+        return self.swap(key, None, payload, tag=tag)
+
+    def swap(self, key: str, expected: bytes | None, new: bytes | None, *, tag: str | None = None) -> bool:
+        """Atomically (across processes): if `key` holds `expected` (None: no readable value), store
+        `new` (None: delete the row) and return True; else change nothing and return False.
+
+        Frame claims use it so that taking over, renewing and releasing a claim never touches a
+        claim another process made in the meantime.
+        """
         check_key(key)
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        for value in (expected, new):
+            if value is not None and not isinstance(value, bytes):
+                raise TypeError(f"payload must be bytes, not {type(value).__name__}")
         self._check_writable()
         try:
-            return bool(self._cache.add(key, payload, retry=False))
+            with self._cache.transact(retry=False):
+                # Inside the write transaction: nobody can change the row between this read and the write.
+                if self.get(key) != expected:
+                    return False
+                if new is None:
+                    self._cache.delete(key, retry=False)
+                else:
+                    self._cache.set(key, new, tag=tag, retry=False)
+                return True
         except diskcache.Timeout as exc:
             raise TimeoutError(
                 f"could not lock {self._directory / DBNAME} for writing within {self._cache.timeout}s"
             ) from exc
+
+    def tagged(self, tag: str) -> dict[str, bytes]:
+        """Every readable entry whose row carries `tag` (one scan; meant for small stores like records)."""
+        rows = self._sql()("SELECT key FROM Cache WHERE tag = ? AND raw = 1", (tag,)).fetchall()
+        found = {}
+        for (key,) in rows:
+            if isinstance(key, str) and _KEY_RE.fullmatch(key):
+                payload = self.get(key)
+                if payload is not None:
+                    found[key] = payload
+        return found
 
     def __contains__(self, key: object) -> bool:
         """Whether a row exists for `key`; whether it is readable is only known after `get`.
@@ -379,13 +583,24 @@ class Store:
         return len(self._cache)
 
     def volume(self) -> int:
-        """Approximate bytes on disk: the sqlite database plus all value files."""
-        return int(self._cache.volume())
+        """Bytes of every file in the store's folder: the database, its -wal and -shm files, value files."""
+        return _tree_size(self._directory)
 
     def clear(self) -> int:
         """Delete every entry; returns how many were removed."""
         self._check_writable()
         return int(self._cache.clear(retry=False))
+
+    def compact(self) -> None:
+        """Give the space of deleted rows back to the file system (best effort: skipped while busy)."""
+        self._check_writable()
+        try:
+            sql = self._sql()
+            sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            sql("VACUUM").fetchall()
+            sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.OperationalError as exc:
+            logger.info("could not compact %s: %s", self._directory, exc)
 
     def close(self) -> None:
         # diskcache reopens the connection lazily on next use, so a closed store still works.
@@ -478,7 +693,50 @@ class Store:
 
     def _check_writable(self) -> None:
         if self._readonly:
-            raise PermissionError(f"{self._directory} was opened read-only")
+            raise CacheReadOnly(errno.EROFS, "the cache store was opened read-only", str(self._directory))
+
+
+def _unwritable(root: Path) -> str | None:
+    """Why this process cannot write the existing cache at `root` (None: it looks writable).
+
+    Checked before opening because opening for writing is itself a write (diskcache stores its
+    settings): on a read-only cache it would fail, or partly succeed, instead of just reading.
+    """
+    for name in STORE_NAMES:
+        for target in (root / name, root / name / DBNAME):
+            if not os.access(target, os.W_OK):
+                try:
+                    read_only_fs = os.statvfs(target).f_flag & os.ST_RDONLY
+                except OSError:
+                    read_only_fs = False
+                return (
+                    f"{target} is on a read-only file system" if read_only_fs else f"{target} is not writable"
+                )
+    return None
+
+
+def _tree_size(root: Path) -> int:
+    """Sizes of all regular files under `root` (symlinks not followed); files vanishing meanwhile count 0."""
+    total = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+@dataclass(frozen=True)
+class StoreSurvey:
+    """What `CacheDir.survey` found for one store: entries (None if unreadable), bytes on disk, problem."""
+
+    name: str
+    entries: int | None
+    size: int
+    problem: CacheUnavailable | None
 
 
 class CacheDir:
@@ -496,13 +754,33 @@ class CacheDir:
         _create: bool = True,
         _readonly: bool = False,
     ) -> None:
+        """Open (creating what is missing) for reading and writing; see also `open` and `open_readonly`.
+
+        Raises `CacheUnavailable` (naming the store) when a store cannot be opened.
+        """
         self.path = Path(path)
-        if _create:
-            self.path.mkdir(parents=True, exist_ok=True)
+        #: Why this cache is read-only when `open` had to fall back to reading (None otherwise).
+        self.readonly_reason: str | None = None
         opened: list[Store] = []
         try:
+            if _create:
+                try:
+                    self.path.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    kind = _open_failure(exc, self.path)
+                    raise CacheUnavailable(self.path, "denied" if kind == "readonly" else kind, exc) from exc
             for name in STORE_NAMES:
-                opened.append(Store(self.path / name, create=_create, readonly=_readonly, timeout=timeout))
+                try:
+                    opened.append(
+                        Store(self.path / name, create=_create, readonly=_readonly, timeout=timeout)
+                    )
+                except FileNotFoundError:
+                    raise
+                except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+                    kind = _open_failure(exc, self.path / name)
+                    if kind == "readonly" and not CacheDir.exists(self.path):
+                        kind = "denied"
+                    raise CacheUnavailable(self.path, kind, exc, store=name) from exc
         except BaseException:
             for store in opened:
                 store.close()
@@ -516,14 +794,47 @@ class CacheDir:
         root = Path(path)
         return all((root / name / DBNAME).is_file() for name in STORE_NAMES)
 
+    @staticmethod
+    def unwritable(path: str | os.PathLike[str]) -> str | None:
+        """Why this process cannot write the existing cache at `path`, or None if it looks writable."""
+        root = Path(path)
+        return _unwritable(root) or (f"the disk holding {root} is full" if _disk_full(root) else None)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, timeout: float = SQLITE_TIMEOUT_S) -> CacheDir:
+        """Open for reading and writing (created if missing), or read-only where writing is impossible.
+
+        An existing cache that this process may not write (a read-only mount, no write permission on
+        its folders or databases, a full disk) is opened read-only: frames and embeddings are served, `readonly`
+        is True, `readonly_reason` says why, storing a frame or embedding raises `CacheReadOnly`, and
+        bookkeeping records (last plan, file digests, output records) are simply not updated.
+        Raises `CacheUnavailable` for anything else (a damaged store; a full disk where even
+        reading fails).
+        """
+        root = Path(path)
+        reason = _unwritable(root) if cls.exists(root) else None
+        if reason is None:
+            try:
+                return cls(root, timeout=timeout)
+            except CacheUnavailable as exc:
+                if exc.kind not in ("readonly", "full") or not cls.exists(root):
+                    raise
+                reason = f"the disk is full: {exc.cause}" if exc.kind == "full" else str(exc.cause)
+        cache = cls(root, timeout=timeout, _create=False, _readonly=True)
+        cache.readonly_reason = reason
+        # Records only speed up later runs (why a frame changed, file digests, up-to-date outputs):
+        # a read-only cache goes without them. Frames and embeddings are refused loudly instead.
+        cache.records._skip_puts = True
+        return cache
+
     @classmethod
     def open_readonly(
         cls, path: str | os.PathLike[str], *, timeout: float = SQLITE_TIMEOUT_S
     ) -> CacheDir | None:
         """Open an existing cache for lookups only, or return None if there is none yet.
 
-        Never creates the directory or a store. (Opening an existing sqlite store still lets sqlite
-        and diskcache update their own bookkeeping: the WAL files and the Settings table.)
+        Writes nothing at all, works on a read-only mount, and never creates the directory or a
+        store. Raises `CacheUnavailable` when a store is damaged.
         """
         if not cls.exists(path):
             return None
@@ -533,12 +844,66 @@ class CacheDir:
             # Removed between the check and the open: same as never having existed.
             return None
 
+    @staticmethod
+    def survey(path: str | os.PathLike[str]) -> list[StoreSurvey]:
+        """Each store's entry count and bytes on disk, read-only; a store that cannot be read says why.
+
+        For ``cache info``: it works on a read-only or partly damaged cache, and writes nothing.
+        """
+        root = Path(path)
+        found = []
+        for name in STORE_NAMES:
+            folder = root / name
+            entries: int | None = None
+            problem = None
+            if (folder / DBNAME).is_file():
+                try:
+                    with Store(folder, create=False, readonly=True) as store:
+                        entries = len(store)
+                except FileNotFoundError:
+                    entries = 0  # being created by another process
+                except (sqlite3.Error, OSError) as exc:
+                    problem = CacheUnavailable(root, _open_failure(exc, folder), exc, store=name)
+            found.append(StoreSurvey(name, entries, _tree_size(folder) if folder.is_dir() else 0, problem))
+        return found
+
+    @staticmethod
+    def clear_store(path: str | os.PathLike[str], name: str) -> tuple[int, str | None]:
+        """Empty one store and give its space back; a damaged store (not a database) is removed whole.
+
+        Returns (bytes freed, why the store was removed instead of emptied, or None). Raises
+        `CacheUnavailable` (kind ``"readonly"``) when the store may not be written: nothing is cleared.
+        """
+        if name not in STORE_NAMES:
+            raise ValueError(f"no store named {name!r}; stores: {', '.join(STORE_NAMES)}")
+        root = Path(path)
+        folder = root / name
+        if not (folder / DBNAME).is_file():
+            return 0, None
+        before = _tree_size(folder)
+        for target in (folder, folder / DBNAME):
+            if not os.access(target, os.W_OK):
+                raise CacheUnavailable(root, "readonly", PermissionError(f"{target} is not writable"), name)
+        try:
+            store = Store(folder, create=False)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            kind = _open_failure(exc, folder)
+            if kind != "damaged":
+                raise CacheUnavailable(root, kind, exc, store=name) from exc
+            # Nothing in it can be read: remove the folder. Only our own store folder, by its fixed name.
+            shutil.rmtree(folder)
+            return before, str(exc)
+        with store:
+            store.clear()
+            store.compact()
+        return max(0, before - _tree_size(folder)), None
+
     @property
     def stores(self) -> dict[str, Store]:
         return {"frames": self.frames, "embeddings": self.embeddings, "records": self.records}
 
     def volume(self) -> int:
-        """Approximate bytes on disk over all stores."""
+        """Bytes of every file of every store (databases, their -wal and -shm files, value files)."""
         return sum(store.volume() for store in self.stores.values())
 
     def counts(self) -> dict[str, int]:
@@ -546,9 +911,10 @@ class CacheDir:
         return {name: len(store) for name, store in self.stores.items()}
 
     def clear(self) -> None:
-        """Empty every store; the directory and anything else in it (README.md, .gitkeep) stay."""
+        """Empty every store and give the space back; anything else in the directory (README.md) stays."""
         for store in self.stores.values():
             store.clear()
+            store.compact()
 
     def close(self) -> None:
         for store in self.stores.values():

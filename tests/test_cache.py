@@ -548,3 +548,58 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
                 expected = f"{tag}-{i}".encode() * (1 if i % 4 else 8000)
                 assert cache.frames.get(k(f"{tag}-{i}")) == expected
         assert cache.records.get_json(k("b-rec-150")) == {"tag": "b", "i": 150}
+
+
+def test_a_store_being_created_by_another_process_reads_as_no_cache_yet(tmp_path: Path) -> None:
+    # diskcache creates the database file, then Settings, then Cache, one statement at a time: a
+    # reader in between must see "no cache yet", not "no such table" (4 processes starting at once).
+    with CacheDir(tmp_path / "cache") as cache:
+        cache.frames.put(k(1), b"png")
+    records = tmp_path / "cache" / "records" / "cache.db"
+    for state in ("empty file", "settings only"):
+        records.unlink()
+        records.touch()
+        if state == "settings only":
+            with sqlite3.connect(records) as con:
+                con.execute("CREATE TABLE Settings (key TEXT NOT NULL UNIQUE, value)")
+        assert CacheDir.open_readonly(tmp_path / "cache") is None, state
+        assert [s.entries for s in CacheDir.survey(tmp_path / "cache")] == [1, 0, 0], state
+
+
+def test_readonly_stores_write_nothing(tmp_path: Path) -> None:
+    with CacheDir(tmp_path / "cache") as cache:
+        for i in range(3):
+            cache.frames.put(k(i), os.urandom(BIG if i else 10))
+        cache.records.put_json(k("r"), {"a": 1})
+    files = {
+        p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "cache").rglob("*") if p.is_file()
+    }
+    ro = CacheDir.open_readonly(tmp_path / "cache")
+    assert ro is not None
+    with ro:
+        assert ro.counts() == {"frames": 3, "embeddings": 0, "records": 1}
+        assert ro.frames.present([k(0), k(1), k(9)]) == {k(0), k(1)}
+        assert ro.frames.get(k(1)) is not None and ro.records.get_json(k("r")) == {"a": 1}
+        assert ro.frames.settings()["eviction_policy"] == "none"
+        with pytest.raises(cache_mod.CacheReadOnly):
+            ro.frames.put(k(5), b"x")
+        with pytest.raises(PermissionError):
+            ro.records.swap(k(5), None, b"x")
+    # Not even diskcache's settings or a WAL index: opening used to rewrite the Settings table.
+    after = {
+        p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "cache").rglob("*") if p.is_file()
+    }
+    assert {p: v for p, v in after.items() if not p.name.endswith(("-wal", "-shm"))} == {
+        p: v for p, v in files.items() if not p.name.endswith(("-wal", "-shm"))
+    }
+
+
+def test_swap_is_compare_and_set(store: Store) -> None:
+    assert store.swap(k(1), None, b"a", tag="claim") is True
+    assert store.swap(k(1), None, b"b") is False
+    assert store.swap(k(1), b"x", b"b") is False and store.get(k(1)) == b"a"
+    assert store.swap(k(1), b"a", b"b", tag="claim") is True and store.get(k(1)) == b"b"
+    store.put(k(2), b"untagged")
+    assert store.tagged("claim") == {k(1): b"b"}
+    assert store.swap(k(1), b"b", None) is True and k(1) not in store
+    assert store.tagged("claim") == {}

@@ -3,6 +3,9 @@ frame is not cached: never rendered, or which of its inputs changed since the la
 
     previous = load_plan(cache.records, scene.path)
     why = frame_status(plan, previous, cached_keys)      # ["cached", "changed: prompt, noise", ...]
+    # Frames another render is working on right now (pipeline.claims.live_claims):
+    why = frame_status(plan, previous, cached_keys, live_claims(cache.records))
+    # [..., "claimed by host render-2 pid 4242 since 14:03:11", ...]
 
 Records are compressed JSON (recipes repeat a lot), so a 100,000-frame plan stays a few MB.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +82,19 @@ def _changed_fields(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     return names
 
 
-def frame_status(plan: Plan, previous: dict[str, Any] | None, cached: set[str]) -> list[str]:
-    """Per frame: 'cached', or why not ('not rendered yet', 'new frame', 'changed: steps, prompt')."""
+def frame_status(
+    plan: Plan,
+    previous: dict[str, Any] | None,
+    cached: set[str],
+    claimed: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Per frame: 'cached', or why not ('not rendered yet', 'new frame', 'changed: steps, prompt').
+
+    `claimed` maps frame keys that another render has claimed to its claim (a
+    `pipeline.claims.Claim`, or the text to show): those frames say 'claimed by host X pid Y since
+    HH:MM:SS' instead, since they are being rendered right now.
+    """
+    claimed = claimed or {}
     base_changes: list[str] = []
     if previous is not None:
         old_base = previous.get("base", {})
@@ -92,6 +107,9 @@ def frame_status(plan: Plan, previous: dict[str, Any] | None, cached: set[str]) 
     for job in plan:
         if job.key in cached:
             out.append("cached")
+        elif job.key in claimed:
+            claim = claimed[job.key]
+            out.append(claim if isinstance(claim, str) else claim.describe())
         elif previous is None:
             out.append("not rendered yet")
         elif job.frame >= len(old_keys):

@@ -62,6 +62,9 @@ MAX_FRAMES = 1_000_000
 MAX_MOTION = 1e6
 MAX_LORA_SCALE = 100.0
 MAX_WALK_STEP = 100.0
+# A GIF stores each frame's delay in 16 bits of centiseconds (at most 655 s a frame): Pillow raises
+# an OverflowError below 0.0016 fps, after every frame has rendered. One frame in 100 s is plenty.
+MIN_FPS = 0.01
 
 
 class _Strict(BaseModel):
@@ -205,7 +208,7 @@ class Output(_Strict):
 
     path: str
     kind: Literal["mp4", "gif", "frames", "grid"] | None = None
-    fps: float | None = Field(default=None, gt=0, le=240)
+    fps: float | None = Field(default=None, ge=MIN_FPS, le=240)
     rubber_band: bool = False
     loop: int = Field(default=0, ge=0, le=65535)  # a GIF stores its loop count in 16 bits
     cols: int | None = Field(default=None, ge=1, le=1000)
@@ -238,7 +241,7 @@ class Scene(_Strict):
     ] = Field(default_factory=lambda: [512, 512])
     steps: int = Field(default=25, ge=1, le=1000)
     guidance: float = Field(default=7.5, ge=0, le=100)
-    fps: float = Field(default=12.0, gt=0, le=240)
+    fps: float = Field(default=12.0, ge=MIN_FPS, le=240)
     frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
     duration: Annotated[str | float | None, BeforeValidator(_duration)] = None
     seed: int = Field(default=0, ge=0, lt=2**63)
@@ -990,6 +993,33 @@ def _check_rules(
     problems.extend(
         _check_modes_and_files(scene, doc, frames, gone, allow_outside_inputs=allow_outside_inputs)
     )
+    # diffusers loads each LoRA as an adapter of its name and each learned embedding as a token:
+    # a name or token given twice fails when the model loads, so it is a problem here.
+    for field, names in (
+        (
+            "loras",
+            [
+                (("loras", i, "name" if lo.name else "path"), scene.lora_name(lo))
+                for i, lo in enumerate(scene.loras)
+            ],
+        ),
+        (
+            "embeddings",
+            [(("embeddings", i, "token"), e.token) for i, e in enumerate(scene.embeddings) if e.token],
+        ),
+    ):
+        first: dict[str, tuple[Any, ...]] = {}
+        for at, name in names:
+            if name in first:
+                what = "LoRA name" if field == "loras" else "token"
+                add(
+                    doc.problem(
+                        at,
+                        f"{field}: {what} '{_shorten(name, 40)}' is also used at line {doc.where(first[name])[0]}; "
+                        f"each {what} must be different",
+                    )
+                )
+            first.setdefault(name, at)
     lora_names = {scene.lora_name(lo) for lo in scene.loras}
     for i, kf in enumerate(scene.keyframes):
         for name in kf.lora or {} if not gone("loras", "name") else {}:

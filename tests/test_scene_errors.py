@@ -35,7 +35,7 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = sorted(CORPUS.glob("*.yaml"))
 
 _EXPECT = re.compile(r"^# expect: (\d+):(\d+): (.*)$")
-_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.yaml$")
+_NAME = re.compile(r"^\d{2,3}_[a-z0-9_]+\.yaml$")
 # One line of the CLI's stderr for an invalid scene.
 _PROBLEM_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<message>.+)$")
 
@@ -126,7 +126,7 @@ def _show(problems: list[Problem]) -> str:
 
 def test_corpus_is_big_enough_and_well_formed() -> None:
     assert len(CORPUS_FILES) >= 45
-    numbers = [p.name[:2] for p in CORPUS_FILES]
+    numbers = [int(p.name.split("_")[0]) for p in CORPUS_FILES]
     assert len(set(numbers)) == len(numbers), "two corpus files share a number"
     for path, case in zip(CORPUS_FILES, CASES, strict=True):
         assert _NAME.match(path.name), f"{path.name}: name it NN_short_name.yaml"

@@ -13,8 +13,12 @@ an error (``InputChanged``, exit 1 from the CLI) before storing anything made fr
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from pipeline.models import InputChanged
 from pipeline.planner import plan
 from pipeline.scene import load_scene
 from tests.reliability._helpers_inputs import (
+    ROOT,
     cached_frames,
     copy_model,
     decode,
@@ -227,3 +232,51 @@ def test_decode_is_of_the_planned_bytes(tmp_path: Path) -> None:
     _flip(tmp_path / "inputs" / "landscape.png")
     with pytest.raises(InputChanged, match=r"input 'inputs/landscape\.png' changed during the run"):
         read_input(scene, env.files, digest)
+
+
+# A child process: HF_HUB_OFFLINE is read when huggingface_hub is imported.
+_HUB_CHILD = """
+import json, sys
+from pathlib import Path
+from pipeline.models import load_pipeline, resolve_model
+ref = resolve_model("someone/tiny", Path("."))
+Path(sys.argv[1]).write_text(sys.argv[2])  # the branch moves on after planning
+pipe = load_pipeline(ref, device="cpu", dtype="float32")
+weight = pipe.unet.state_dict()["conv_in.weight"].flatten()[0].item()
+print(json.dumps({"planned": ref.fingerprint["unet"], "weight": weight}))
+"""
+
+
+@pytest.mark.slow
+def test_hub_model_loads_the_commit_its_keys_name(tmp_path: Path) -> None:
+    """A Hugging Face model is keyed by the commit found when planning; a newer commit of the branch
+    that arrives before the weights load (another process downloaded it) must not be what renders."""
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    old, new = "1" * 40, "2" * 40
+    for commit, factor in ((old, 1.0), (new, 0.5)):
+        snapshot = repo / "snapshots" / commit
+        copy_model(snapshot)
+        _scale_tensors(factor)(snapshot / "unet" / "diffusion_pytorch_model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _HUB_CHILD, str(repo / "refs" / "main"), new],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["planned"] == f"hub:someone/tiny@{old}"
+    planned = load_file(repo / "snapshots" / old / "unet" / "diffusion_pytorch_model.safetensors")
+    assert (
+        found["weight"] == planned["conv_in.weight"].flatten()[0].item() != 0
+    )  # not the newer commit's half

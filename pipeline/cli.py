@@ -186,6 +186,11 @@ def render_command(
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Frames per pipeline call (default: 4 on CPU, 8 on GPU)."
     ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for rendering (default: the physical cores not busy with other work; 0: torch's).",
+    ),
     cache_dir: Path = typer.Option(
         DEFAULT_CACHE,
         "--cache-dir",
@@ -207,6 +212,7 @@ def render_command(
         model=model,
         device=device,
         batch_size=batch_size,
+        threads=threads,
         cache_dir=cache_dir,
         out_dir=out_dir,
         allow_outside_inputs=allow_outside_inputs,

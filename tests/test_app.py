@@ -6,6 +6,7 @@ Renders use the embedded ``tiny`` model at 32x32 with 2 steps. A counting render
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,31 @@ def test_no_file_cites_a_document_that_is_not_in_the_repository() -> None:
     # The sources are named by their titles (the Keras example, the Hugging Face course ...).
     files = [ROOT / "README.md", *sorted((ROOT / "scenes").glob("*.yaml"))]
     assert [f.name for f in files if "seeds.md" in f.read_text()] == []
+
+
+def test_threads_are_set_for_cpu_renders_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from pipeline.cpu import choose_threads
+
+    assert choose_threads(None) is None  # tests/conftest.py sets OMP_NUM_THREADS: it is obeyed
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    before = torch.get_num_threads()
+    try:
+        report = _open(WALK, tmp_path, threads=1).render()
+        assert report.threads == 1 and torch.get_num_threads() == 1
+        # auto: the physical cores not busy with other work, at least 1 and at most all of them
+        from pipeline.cpu import free_cores
+
+        auto = _open(WALK, tmp_path / "auto").render()
+        assert auto.threads is not None and 1 <= auto.threads <= (os.cpu_count() or 1)
+        assert 1 <= free_cores() <= (os.cpu_count() or 1)
+        cached = _open(WALK, tmp_path, threads=1).render()
+        assert cached.threads is None  # nothing rendered: torch was not touched
+    finally:
+        torch.set_num_threads(before)
+    bad = _open(WALK, tmp_path, threads=-1).problems
+    assert [str(p).split(":")[0] for p in bad] == ["--threads"]

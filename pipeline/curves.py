@@ -296,6 +296,11 @@ _BEZIER_RE = re.compile(r"cubic_bezier\s*\((?P<args>.*)\)", re.DOTALL)
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
+def _shown(spec: str) -> str:
+    """``spec`` quoted for a message, cut short if long: a message is one readable line."""
+    return repr(spec if len(spec) <= 60 else spec[:45] + "...")
+
+
 def _allowed() -> str:
     return "allowed: " + ", ".join(curve_names())
 
@@ -304,21 +309,23 @@ def _parse_bezier(spec: str) -> Curve:
     match = _BEZIER_RE.fullmatch(spec)
     if match is None:
         raise ValueError(
-            f"malformed curve {spec!r}; expected {_BEZIER_SIGNATURE!r}, e.g. 'cubic_bezier(0.42, 0, 0.58, 1)'"
+            f"malformed curve {_shown(spec)}; expected {_BEZIER_SIGNATURE!r}, e.g. 'cubic_bezier(0.42, 0, 0.58, 1)'"
         )
     inner = match.group("args").strip()
     parts = [p.strip() for p in inner.split(",")] if inner else []
     if len(parts) != 4:
-        raise ValueError(f"curve {spec!r}: cubic_bezier takes 4 numbers (x1, y1, x2, y2), got {len(parts)}")
+        raise ValueError(
+            f"curve {_shown(spec)}: cubic_bezier takes 4 numbers (x1, y1, x2, y2), got {len(parts)}"
+        )
     # A strict number pattern instead of float(): float() would also accept 'nan', 'inf' and '1_0'.
     for part in parts:
         if _NUMBER_RE.fullmatch(part) is None:
-            raise ValueError(f"curve {spec!r}: cubic_bezier argument {part!r} is not a number")
+            raise ValueError(f"curve {_shown(spec)}: cubic_bezier argument {_shown(part)} is not a number")
     x1, y1, x2, y2 = (float(p) for p in parts)
     try:
         return cubic_bezier(x1, y1, x2, y2)
     except ValueError as exc:
-        raise ValueError(f"curve {spec!r}: {exc}") from None
+        raise ValueError(f"curve {_shown(spec)}: {exc}") from None
 
 
 # CSS timing keywords, used only to suggest the equivalent bezier: difflib alone would answer
@@ -359,7 +366,7 @@ def parse_curve(spec: str) -> Curve:
         return curve
     if key.startswith("cubic_bezier"):
         return _parse_bezier(key)
-    raise ValueError(f"unknown curve {spec!r};{_suggestion(key)} {_allowed()}")
+    raise ValueError(f"unknown curve {_shown(spec)};{_suggestion(key)} {_allowed()}")
 
 
 def ease(spec: str, u: float) -> float:

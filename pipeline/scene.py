@@ -436,7 +436,7 @@ def _read_scene_bytes(path: Path, shown: str) -> bytes:
         if kind is not None:
             raise fail(f"the scene file {path} is {kind}, not a regular file; {limit}")
         if info.st_size > MAX_SCENE_BYTES:
-            raise fail(f"the scene file is {info.st_size / 2**20:.1f} MiB; {limit}")
+            raise fail(f"the scene file is {info.st_size:,} bytes; {limit}")
         try:
             raw = f.read(MAX_SCENE_BYTES + 1)
         except OSError as exc:
@@ -822,7 +822,7 @@ def _check_rules(
         add(
             doc.problem(
                 ("scheduler",),
-                f"unknown scheduler '{scene.scheduler}'; {hint}allowed: {', '.join(scheduler_names())}",
+                f"unknown scheduler '{_shorten(scene.scheduler, 40)}'; {hint}allowed: {', '.join(scheduler_names())}",
             )
         )
     model_problem = _check_model(scene)
@@ -1028,7 +1028,7 @@ def _check_rules(
                 add(
                     doc.problem(
                         ("keyframes", i, "lora", name),
-                        f"keyframe {i + 1}: unknown LoRA '{name}'; allowed: {allowed}",
+                        f"keyframe {i + 1}: unknown LoRA '{_shorten(name, 40)}'; allowed: {allowed}",
                         key=True,
                     )
                 )
@@ -1041,15 +1041,15 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: cannot tell the kind of '{out.path}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'",
+                    f"output {i + 1}: cannot tell the kind of '{_shorten(out.path)}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'",
                 )
             )
         p = Path(out.path)
-        if p.is_absolute() or ".." in p.parts or not out.path.strip():
+        if p.is_absolute() or ".." in p.parts or not p.parts or not out.path.strip():
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: '{out.path}' must be a relative path inside the scene's render folder (no absolute paths, no '..')",
+                    f"output {i + 1}: '{_shorten(out.path)}' must be a relative path inside the scene's render folder (no absolute paths, no '..', not the folder itself)",
                 )
             )
         norm = out.path.rstrip("/")
@@ -1057,7 +1057,7 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: '{out.path}' is also output {seen[norm] + 1}; each output needs its own path",
+                    f"output {i + 1}: '{_shorten(out.path)}' is also output {seen[norm] + 1}; each output needs its own path",
                 )
             )
         seen.setdefault(norm, i)
@@ -1249,7 +1249,7 @@ def _check_modes_and_files(
             problems.append(
                 doc.problem(
                     at,
-                    f"'{rel}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
+                    f"'{_shorten(rel)}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
                 )
             )
         elif kind.startswith("unusable: "):
@@ -1259,12 +1259,17 @@ def _check_modes_and_files(
         elif kind == "missing":
             problems.append(
                 doc.problem(
-                    at, f"file not found: '{rel}' (looked for {full}; paths are relative to the scene file)"
+                    at,
+                    f"file not found: '{_shorten(rel)}' (looked for {_shorten(str(full), 120)}; paths are relative to the scene file)",
                 )
             )
         elif kind != "file":
             what = "a folder" if kind == "folder" else kind
-            problems.append(doc.problem(at, f"'{rel}' is {what}, not a regular file (at {full})"))
+            problems.append(
+                doc.problem(
+                    at, f"'{_shorten(rel)}' is {what}, not a regular file (at {_shorten(str(full), 120)})"
+                )
+            )
         elif at[0] in ("embeddings", "loras"):
             why = weights_file_problem(full)
             if why is not None:
@@ -1272,13 +1277,13 @@ def _check_modes_and_files(
                 problems.append(
                     doc.problem(
                         at,
-                        f"'{rel}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
+                        f"'{_shorten(rel)}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
                     )
                 )
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):
-                problems.append(doc.problem(at, f"'{rel}': {size_or_problem}"))
+                problems.append(doc.problem(at, f"'{_shorten(rel)}': {size_or_problem}"))
             else:
                 sizes[rel] = size_or_problem
                 if at[-1] == "depth_map" and _is_flat(full):

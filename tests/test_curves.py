@@ -208,6 +208,36 @@ def test_bad_cubic_bezier(spec: str, why: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        # 3 * 1e308 is inf: the curve's own coefficients overflowed, and a non-finite weight reached
+        # the cache key ("a cache key cannot hold the non-finite number nan", a traceback).
+        ("cubic_bezier(0.5, 1e308, 0.5, -1e308)", r"y1=1e\+308 must be a number from -100 to 100"),
+        ("cubic_bezier(0.2, 0, 0.8, -100.5)", r"y2=-100\.5 must be a number from -100 to 100"),
+        ("cubic_bezier(0.2, 1e400, 0.8, 1)", r"y1=inf must be a number from -100 to 100"),
+    ],
+)
+def test_cubic_bezier_y_is_bounded_so_weights_stay_finite(spec: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        parse_curve(spec)
+
+
+def test_cubic_bezier_at_the_y_bound_stays_within_it() -> None:
+    """A Bezier curve stays within the hull of its control points: |weight| <= 100 at the bound."""
+    f = parse_curve("cubic_bezier(0.5, 100, 0.5, -100)")
+    values = [f(i / 1000) for i in range(1001)]
+    assert all(math.isfinite(v) and -100 <= v <= 100 for v in values)
+    assert max(values) > 10 and min(values) < -10  # it does overshoot, a lot
+
+
+def test_a_long_curve_spec_is_shortened_in_messages() -> None:
+    for spec in ("cubic_bezier(" + "1," * 5000 + "1)", "x" * 100_000):
+        with pytest.raises(ValueError) as info:
+            parse_curve(spec)
+        assert len(str(info.value)) < 800, len(str(info.value))
+
+
 def test_cubic_bezier_function_validates() -> None:
     with pytest.raises(ValueError, match="x1"):
         cubic_bezier(-0.1, 0, 1, 1)

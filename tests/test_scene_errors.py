@@ -315,3 +315,53 @@ def test_cli_names_the_file_as_given(tmp_path: Path) -> None:
     lines = _check_cli_rejects(relative, tmp_path, "--plan")
     assert lines == [f"{relative}:6:1: duplicate key 'steps' (first set at line 4); each key may appear once"]
     assert (CORPUS / "renders").exists() == renders_before
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "scheduler: " + "y" * 100_000,
+        "x" * 100_000 + ": 1",
+        "curve: " + "c" * 100_000,
+        "seed: " + "9" * 4000,
+        "mode: img2img\ninit_image: " + "d/" * 2000 + "i.png",
+        "outputs: [" + "o" * 100_000 + ".webm]",
+    ],
+    ids=["scheduler", "key", "curve", "number", "path", "output"],
+)
+def test_a_long_value_is_shortened_in_its_message(line: str) -> None:
+    """One readable line per problem: a 100,000-character value is not echoed whole."""
+    with pytest.raises(SceneError) as info:
+        parse_scene(
+            f"{line}\nkeyframes:\n  - frame: 0\n    prompt: a dog\n", "long.yaml", base_path=ROOT / "x.yaml"
+        )
+    assert info.value.problems
+    assert all(len(p.message) < 800 for p in info.value.problems), [
+        len(p.message) for p in info.value.problems
+    ]
+
+
+def test_a_scene_file_over_the_size_limit_is_refused_without_reading_it(tmp_path: Path) -> None:
+    from pipeline.scene import MAX_SCENE_BYTES
+
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:  # sparse: no disk is used
+        f.truncate(MAX_SCENE_BYTES + 1)
+    with pytest.raises(SceneError) as info:
+        load_scene(path)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.col) == (1, 1)
+    assert (
+        problem.message
+        == "the scene file is 67,108,865 bytes; a scene file is a YAML text file of at most 64 MiB"
+    )
+
+
+def test_a_folder_as_the_scene_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SceneError) as info:
+        load_scene(tmp_path)
+    (problem,) = info.value.problems
+    assert (
+        problem.message
+        == f"the scene file {tmp_path} is a folder, not a regular file; a scene file is a YAML text file of at most 64 MiB"
+    )

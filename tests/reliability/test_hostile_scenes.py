@@ -388,7 +388,7 @@ def _over_the_limit(tmp_path: Path) -> tuple[str, str]:
         f.truncate(MAX_SCENE_BYTES + 1)
     return str(
         tmp_path / "scene.yaml"
-    ), "the scene file is 64.0 MiB; a scene file is a YAML text file of at most 64 MiB"
+    ), "the scene file is 67,108,865 bytes; a scene file is a YAML text file of at most 64 MiB"
 
 
 NOT_SCENE_FILES: dict[str, Callable[[Path], tuple[str, str]]] = {

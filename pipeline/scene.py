@@ -382,7 +382,9 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
                     shown,
                     line,
                     col,
-                    f"the scene file is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8",
+                    f"the scene file is not UTF-8 text (byte 0x{raw[exc.start]:02x}"
+                    + ("; it starts like UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+                    + "); save it as UTF-8",
                 )
             ]
         ) from None

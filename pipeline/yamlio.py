@@ -350,6 +350,14 @@ def syntax_problem(exc: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
         return at(
             line, col, "a second YAML document starts here; a scene file holds one document (remove '---')"
         )
+    # YAML limits a plain key to 1024 characters; past that its ':' is not seen as a key's.
+    long_key = re.match(r" *(?:- )?([^:#]{1025,}):(?: |$)", here)
+    if long_key and ("mapping values" in problem or "could not find expected ':'" in problem):
+        return at(
+            line,
+            long_key.start(1) + 1,
+            f"this key is {len(long_key.group(1))} characters long; YAML allows at most 1024",
+        )
     # 4. ': ' where no key can start: inside a value, or a key indented deeper than the line above.
     if "mapping values are not allowed here" in problem:
         indent = len(here) - len(here.lstrip(" "))

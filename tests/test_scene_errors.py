@@ -365,3 +365,16 @@ def test_a_folder_as_the_scene_is_refused(tmp_path: Path) -> None:
         problem.message
         == f"the scene file {tmp_path} is a folder, not a regular file; a scene file is a YAML text file of at most 64 MiB"
     )
+
+
+def test_a_utf16_scene_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "utf16.yaml"
+    path.write_bytes("keyframes:\n  - {frame: 0, prompt: a dog}\n".encode("utf-16"))
+    with pytest.raises(SceneError) as info:
+        load_scene(path)
+    (problem,) = info.value.problems
+    assert (problem.line, problem.col) == (1, 1)
+    assert (
+        problem.message
+        == "the scene file is not UTF-8 text (byte 0xff; it starts like UTF-16); save it as UTF-8"
+    )

@@ -166,6 +166,8 @@ SYNTAX = [
     ),
     ('init_image: "C:\\dogs\\a.png"\n', 1, 17, "use single quotes for text with backslashes"),
     ("a: 1\n---\nb: 2\n", 2, 1, "a second YAML document starts here"),
+    ("k: 2\n" + "x" * 2000 + ": 1\n", 2, 1, "this key is 2000 characters long; YAML allows at most 1024"),
+    ("x" * 2000 + ": 1\n", 1, 1, "this key is 2000 characters long; YAML allows at most 1024"),
 ]
 
 

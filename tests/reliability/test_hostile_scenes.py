@@ -520,3 +520,62 @@ def test_learned_weights_that_are_not_weights_are_refused_before_any_model_loads
     scene = write_scene(folder, mode="txt2img", extra=f"{field}:\n  - {entry}\n")
     (line,) = check_rejected(scene, tmp_path, expect)
     assert line.startswith(f"{scene}:7:12: 'inputs/{filename}': "), line
+
+
+# -- the whole corpus through the command line -----------------------------------------------------
+
+_EVERY_FILE = """
+import contextlib, io, json, sys
+from pipeline.cli import main
+results = {}
+for path in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main([path, '--cache-dir', sys.argv[2]])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException as exc:  # what `python render.py` would show as a traceback
+            code = 'traceback: ' + repr(exc)
+    results[path] = {'code': code, 'stderr': err.getvalue(), 'stdout': out.getvalue()}
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers'})
+print(json.dumps({'results': results, 'heavy': heavy}))
+"""
+
+
+def test_every_corpus_file_is_exit_2_with_located_lines_and_writes_nothing(tmp_path: Path) -> None:
+    """As the held-out corpus is run: each file rendered, exit 2, only FILE:LINE:COL lines, nothing written."""
+    import json
+
+    from tests.test_scene_errors import make_inputs
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for path in sorted(CORPUS.glob("*.yaml")):
+        (folder / path.name).write_bytes(path.read_bytes())
+    make_inputs(folder)
+    before = sorted(folder.rglob("*"))
+    files = [str(p) for p in sorted(folder.glob("*.yaml"))]
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-c", _EVERY_FILE, json.dumps(files), str(cache)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["heavy"] == []
+    for path, got in report["results"].items():
+        assert got["code"] == 2, (path, got)
+        assert got["stdout"] == "", (path, got)
+        lines = got["stderr"].splitlines()
+        assert lines, path
+        for line in lines:
+            m = PROBLEM_LINE.match(line)
+            assert m and m.group("file") == path, (path, line)
+    assert len(report["results"]) == len(files) >= 100
+    assert not cache.exists()
+    assert sorted(folder.rglob("*")) == before

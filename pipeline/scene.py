@@ -1379,9 +1379,11 @@ def check_against_model(
             # A mode nobody wrote is the default: say so, as the position is then only the scene's start.
             unset = at == ("mode",) and at not in doc.marks
             default = f"; the scene sets no 'mode', so it is {mode}, the default" if unset else ""
+            # With no 'mode' line to point at, the line that chose the model is where to look.
+            place = ("model",) if unset and model is None and ("model",) in doc.marks else at
             problems.append(
                 doc.problem(
-                    at,
+                    place,
                     f"mode {mode} is not possible with {named} ({pipeline_class}); "
                     f"it renders: {', '.join(allowed)}{default}",
                 )

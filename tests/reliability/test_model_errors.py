@@ -414,3 +414,14 @@ def test_check_model_spec(spec: str, message: str | None, tmp_path: Path) -> Non
     else:
         assert found is not None and message in found, found
         assert found.isprintable() and len(found) < 400
+
+
+def test_scene_model_that_cannot_render_the_default_mode_points_at_the_model_line(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "scene", model="tiny-inpaint")
+    code, heavy, _out, err = cli_probe(str(scene), "--plan", "--cache-dir", str(tmp_path / "c"))
+    assert (code, heavy) == (2, [])
+    assert err.strip() == (
+        f"{scene}:1:8: mode txt2img is not possible with model 'tiny-inpaint' "
+        "(StableDiffusionInpaintPipeline); it renders: inpaint; "
+        "the scene sets no 'mode', so it is txt2img, the default"
+    )

@@ -85,11 +85,19 @@ def _scale_tensors(factor: float, shift: float = 0.0) -> Callable[[Path], None]:
     return change
 
 
+def _truncate(path: Path) -> None:
+    """Half a file, as a copy over it that is still being written when the model loads."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 # kind -> (file changed, how). Every change gives a valid file of the same shape: only its pixels differ.
 CHANGES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "init_image": ("inputs/landscape.png", _flip),
     "mask": ("inputs/house_mask.png", _flip),
     "model_weights": (UNET, _scale_tensors(0.5)),
+    # Loading fails on it: still 'changed during the run' (exit 1), not 'damaged, re-download' (exit 2).
+    "model_weights_half_copied": (UNET, _truncate),
     "lora": ("inputs/style_tiny.safetensors", _scale_tensors(4.0)),
     "embedding": ("inputs/tom_tiny.safetensors", _scale_tensors(1.0, shift=0.5)),
 }

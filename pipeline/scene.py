@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import math
-import os
 import re
-import stat
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,15 +32,16 @@ from pydantic_core import PydanticCustomError
 
 from pipeline import curves
 from pipeline.gcpause import gc_paused
-from pipeline.schedulers import scheduler_names
-from pipeline.yamlio import (
-    DEFORUM_SCHEDULE,
-    Problem,
-    SceneError,
-    YamlDoc,
-    deforum_hint,
-    load_yaml_lenient,
+from pipeline.inputfiles import (
+    image_size,
+    is_flat,
+    path_kind,
+    read_scene_bytes,
+    weights_file_problem,
 )
+from pipeline.schedulers import scheduler_names
+from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint
+from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient, shorten
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
@@ -370,7 +368,7 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
     """Read, parse and validate a scene file. Raises :class:`SceneError` with every problem."""
     path = Path(path)
     shown = str(path)
-    raw = _read_scene_bytes(path, shown)
+    raw = read_scene_bytes(path, shown)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -389,63 +387,6 @@ def load_scene(path: str | Path, *, allow_outside_inputs: bool = False) -> Scene
             ]
         ) from None
     return parse_scene(text, shown, base_path=path, allow_outside_inputs=allow_outside_inputs)
-
-
-# A scene keyed at each of 100,000 frames, in block style with a long prompt, a negative prompt and
-# eight values per keyframe, is 33 MiB; twice that is allowed. Anything larger is not a scene.
-MAX_SCENE_BYTES = 64 * 2**20
-
-_NOT_REGULAR = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a file that is not a regular file is (a folder, a pipe, a device...), or None."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
-
-
-def _read_scene_bytes(path: Path, shown: str) -> bytes:
-    """The bytes of a scene file, read only if it is a regular file of at most MAX_SCENE_BYTES.
-
-    ``/dev/zero`` would be read until memory runs out and a named pipe would block for ever, so the
-    file's kind is checked before it is opened, and again on the open descriptor (it may have been
-    swapped in between); O_NONBLOCK keeps even that open from waiting on a pipe.
-    """
-
-    def fail(message: str) -> SceneError:
-        return SceneError([Problem(shown, 1, 1, message)])
-
-    limit = f"a scene file is a YAML text file of at most {MAX_SCENE_BYTES // 2**20} MiB"
-    try:
-        kind = _not_regular(os.stat(path).st_mode)
-        if kind is not None:
-            raise fail(f"the scene file {path} is {kind}, not a regular file; {limit}")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise fail(f"scene file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise fail(f"cannot read the scene file: {getattr(exc, 'strerror', None) or exc}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        kind = _not_regular(info.st_mode)
-        if kind is not None:
-            raise fail(f"the scene file {path} is {kind}, not a regular file; {limit}")
-        if info.st_size > MAX_SCENE_BYTES:
-            raise fail(f"the scene file is {info.st_size:,} bytes; {limit}")
-        try:
-            raw = f.read(MAX_SCENE_BYTES + 1)
-        except OSError as exc:
-            raise fail(f"cannot read the scene file: {exc.strerror}") from None
-    if len(raw) > MAX_SCENE_BYTES:  # it grew while being read
-        raise fail(f"the scene file is over {MAX_SCENE_BYTES // 2**20} MiB; {limit}")
-    return raw
 
 
 def parse_scene(
@@ -630,18 +571,13 @@ _TYPE_WORDS = {
 }
 
 
-def _shorten(text: str, limit: int = 60) -> str:
-    """``text``, or its start and its length when it is long (a 5,000-digit "number" is one line, not a page)."""
-    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, (int, float)):
-        return f"the number {_shorten(str(value))}"
+        return f"the number {shorten(str(value))}"
     if isinstance(value, str):
-        return f"the text '{_shorten(value)}'"
+        return f"the text '{shorten(value)}'"
     if value is None:
         return "nothing (null)"
     if isinstance(value, list):
@@ -743,17 +679,15 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
         keyframe_hint = _keyframe_key_hint(key) if len(clean) == 1 else None
         if keyframe_hint is not None:
             return doc.problem(
-                clean, f"unknown key '{_shorten(key, 40)}' at the top level; {keyframe_hint}", key=True
+                clean, f"unknown key '{shorten(key, 40)}' at the top level; {keyframe_hint}", key=True
             )
         if DEFORUM_SCHEDULE.match(key):
             # '{frame: 0, guidance: 0:(7.5), 30:(9)}' splits at the comma: '30:(9)' is read as a key.
-            return doc.problem(
-                clean, f"unknown key '{_shorten(key, 40)}'{inside}; {deforum_hint()}", key=True
-            )
+            return doc.problem(clean, f"unknown key '{shorten(key, 40)}'{inside}; {deforum_hint()}", key=True)
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return doc.problem(
-            clean, f"unknown key '{_shorten(key, 40)}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True
+            clean, f"unknown key '{shorten(key, 40)}'{inside}; {hint}allowed: {', '.join(allowed)}", key=True
         )
     if kind == "missing":
         return doc.problem(
@@ -824,7 +758,7 @@ def _check_rules(
         add(
             doc.problem(
                 ("scheduler",),
-                f"unknown scheduler '{_shorten(scene.scheduler, 40)}'; {hint}allowed: {', '.join(scheduler_names())}",
+                f"unknown scheduler '{shorten(scene.scheduler, 40)}'; {hint}allowed: {', '.join(scheduler_names())}",
             )
         )
     model_problem = _check_model(scene)
@@ -873,8 +807,8 @@ def _check_rules(
                 add(
                     doc.problem(
                         ("duration",),
-                        f"duration: {_shorten(str(scene.duration), 30)} at {fps:g} fps is "
-                        f"{_shorten(str(declared_total), 30)} frames; at most {MAX_FRAMES} are allowed",
+                        f"duration: {shorten(str(scene.duration), 30)} at {fps:g} fps is "
+                        f"{shorten(str(declared_total), 30)} frames; at most {MAX_FRAMES} are allowed",
                     )
                 )
                 declared_total = None
@@ -884,7 +818,7 @@ def _check_rules(
     for i, kf in enumerate(scene.keyframes):
         at = ("keyframes", i, "frame")
         n = parse_frame_ref(kf.frame, fps)  # its form was checked with the types
-        shown_n = _shorten(str(n), 30)
+        shown_n = shorten(str(n), 30)
         if n < 0:
             add(doc.problem(at, f"keyframe {i + 1}: frame {shown_n} is negative; frames count from 0"))
         elif declared_total is not None and n >= declared_total:
@@ -951,7 +885,7 @@ def _check_rules(
         add(
             doc.problem(
                 at_total,
-                f"the scene has {_shorten(str(total), 30)} frames; at most {MAX_FRAMES} are allowed",
+                f"the scene has {shorten(str(total), 30)} frames; at most {MAX_FRAMES} are allowed",
             )
         )
 
@@ -1017,7 +951,7 @@ def _check_rules(
                 add(
                     doc.problem(
                         at,
-                        f"{field}: {what} '{_shorten(name, 40)}' is also used at line {doc.where(first[name])[0]}; "
+                        f"{field}: {what} '{shorten(name, 40)}' is also used at line {doc.where(first[name])[0]}; "
                         f"each {what} must be different",
                     )
                 )
@@ -1030,7 +964,7 @@ def _check_rules(
                 add(
                     doc.problem(
                         ("keyframes", i, "lora", name),
-                        f"keyframe {i + 1}: unknown LoRA '{_shorten(name, 40)}'; allowed: {allowed}",
+                        f"keyframe {i + 1}: unknown LoRA '{shorten(name, 40)}'; allowed: {allowed}",
                         key=True,
                     )
                 )
@@ -1043,7 +977,7 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: cannot tell the kind of '{_shorten(out.path)}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'",
+                    f"output {i + 1}: cannot tell the kind of '{shorten(out.path)}'; use .mp4, .gif, .png (grid image), a folder ending in '/' (PNG frames), or set 'kind'",
                 )
             )
         p = Path(out.path)
@@ -1051,7 +985,7 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: '{_shorten(out.path)}' must be a relative path inside the scene's render folder (no absolute paths, no '..', not the folder itself)",
+                    f"output {i + 1}: '{shorten(out.path)}' must be a relative path inside the scene's render folder (no absolute paths, no '..', not the folder itself)",
                 )
             )
         norm = out.path.rstrip("/")
@@ -1059,7 +993,7 @@ def _check_rules(
             add(
                 doc.problem(
                     at,
-                    f"output {i + 1}: '{_shorten(out.path)}' is also output {seen[norm] + 1}; each output needs its own path",
+                    f"output {i + 1}: '{shorten(out.path)}' is also output {seen[norm] + 1}; each output needs its own path",
                 )
             )
         seen.setdefault(norm, i)
@@ -1082,137 +1016,12 @@ def _parse_duration(value: str | float) -> Decimal | None:
     return None
 
 
-# The byte size of each safetensors dtype (as the safetensors crate names them). A dtype not listed
-# (a newer one) is not size-checked, so a file that safetensors accepts is never refused here.
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors crate's own limit
-
-
-def weights_file_problem(path: Path) -> str | None:
-    """What makes ``path`` (a regular file) unloadable as LoRA or textual-inversion weights, or None.
-
-    Reads the header only, without torch: a ``.safetensors`` file must have the layout the
-    safetensors loader checks (an 8-byte little-endian header length, a JSON header of tensors whose
-    byte ranges fit their dtype and shape and fill the rest of the file exactly); any other file is
-    loaded with ``torch.load`` by diffusers, so it must start like one (a zip archive, as
-    ``torch.save`` writes, or a pickle).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if path.suffix.lower() != ".safetensors":
-                if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-                    return None
-                return "not a weights file (neither safetensors nor a PyTorch file)"
-            if len(head) < 8:
-                return "not a safetensors file (too short for its 8-byte header length)"
-            length = int.from_bytes(head, "little")
-            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-                return "not a safetensors file (its header length points beyond the end of the file)"
-            header = json.loads(f.read(length))
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    except ValueError:  # also UnicodeDecodeError and json.JSONDecodeError
-        return "not a safetensors file (its header is not JSON)"
-    return _safetensors_header_problem(header, size - 8 - length)
-
-
-def _safetensors_header_problem(header: Any, data_bytes: int) -> str | None:
-    """What is wrong with a parsed safetensors header, given the bytes that follow it; None if nothing."""
-    if not isinstance(header, dict):
-        return "not a safetensors file (its header is not a JSON object)"
-    ranges: list[tuple[int, int]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        shown = _shorten(str(name), 40)
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            return f"not a safetensors file (tensor '{shown}' lacks dtype, shape or data_offsets)"
-        ints = [*shape, begin, end] if isinstance(shape, list) else None
-        if ints is None or not all(type(i) is int and i >= 0 for i in ints) or begin > end:
-            return f"not a safetensors file (tensor '{shown}' has a bad shape or byte range)"
-        width = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else 0
-        if width == 0:
-            return f"not a safetensors file (tensor '{shown}' has no dtype name)"
-        if width is not None and math.prod(shape) * width != end - begin:
-            return f"not a safetensors file (tensor '{shown}' is {end - begin} bytes, its shape needs {math.prod(shape) * width})"
-        ranges.append((begin, end))
-    if not ranges:
-        return "it holds no tensors"
-    at = 0
-    for begin, end in sorted(ranges):
-        if begin != at:
-            return "not a safetensors file (its tensors overlap or leave gaps)"
-        at = end
-    if at != data_bytes:
-        return f"not a safetensors file (its tensors need {at} bytes after the header, the file has {data_bytes}: truncated?)"
-    return None
-
-
-MAX_INPUT_SIDE = 8192
-
-
-def image_size(path: Path) -> tuple[int, int] | str:
-    """The (width, height) of an input image, or what is wrong with it. Reads the header, not the pixels."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            # A decompression bomb (a small file that decodes to gigapixels) is refused, not a warning.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                im.verify()  # checks the file's structure and checksums without decoding it all
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"the image is too large to decode safely (a decompression bomb?); at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
-    except UnidentifiedImageError:
-        return "not an image Pillow can read (use PNG, JPEG or WebP)"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"the image file is damaged ({exc})"
-    if width > MAX_INPUT_SIDE or height > MAX_INPUT_SIDE:
-        return f"the image is {width}x{height}; at most {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
-    return (width, height)
-
-
-def _is_flat(path: Path) -> bool:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        low, high = im.convert("L").getextrema()
-    return bool(low == high)
-
-
-def _path_kind(path: Path) -> str:
-    """'file', 'folder', 'missing', what else is there (a named pipe...), or why it cannot be looked at.
-
-    ``Path.is_file`` raises for a name too long for the file system; a scene check must not.
-    """
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    except (OSError, ValueError) as exc:
-        return f"unusable: {getattr(exc, 'strerror', None) or exc}"
-    if stat.S_ISDIR(mode):
-        return "folder"
-    return _not_regular(mode) or "file"
-
-
 def _resolve(scene: Scene, relative: str) -> Path | str:
     """``scene.resolve(relative)``, or why the path cannot be resolved (too long, a symlink loop)."""
     try:
         return scene.resolve(relative)
     except (OSError, RuntimeError, ValueError) as exc:
-        return f"'{_shorten(relative)}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
+        return f"'{shorten(relative)}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
 
 
 def _check_model(scene: Scene) -> str | None:
@@ -1244,32 +1053,32 @@ def _check_modes_and_files(
     files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
     for at, rel in files:
         full = _resolve(scene, rel)
-        kind = "" if isinstance(full, str) else _path_kind(full)
+        kind = "" if isinstance(full, str) else path_kind(full)
         if isinstance(full, str):
             problems.append(doc.problem(at, full))
         elif not allow_outside_inputs and not full.is_relative_to(base):
             problems.append(
                 doc.problem(
                     at,
-                    f"'{_shorten(rel)}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
+                    f"'{shorten(rel)}' is outside the scene's folder {base}; move it there or pass --allow-outside-inputs",
                 )
             )
         elif kind.startswith("unusable: "):
             problems.append(
-                doc.problem(at, f"'{_shorten(rel)}' is not a usable path ({kind.removeprefix('unusable: ')})")
+                doc.problem(at, f"'{shorten(rel)}' is not a usable path ({kind.removeprefix('unusable: ')})")
             )
         elif kind == "missing":
             problems.append(
                 doc.problem(
                     at,
-                    f"file not found: '{_shorten(rel)}' (looked for {_shorten(str(full), 120)}; paths are relative to the scene file)",
+                    f"file not found: '{shorten(rel)}' (looked for {shorten(str(full), 120)}; paths are relative to the scene file)",
                 )
             )
         elif kind != "file":
             what = "a folder" if kind == "folder" else kind
             problems.append(
                 doc.problem(
-                    at, f"'{_shorten(rel)}' is {what}, not a regular file (at {_shorten(str(full), 120)})"
+                    at, f"'{shorten(rel)}' is {what}, not a regular file (at {shorten(str(full), 120)})"
                 )
             )
         elif at[0] in ("embeddings", "loras"):
@@ -1279,16 +1088,16 @@ def _check_modes_and_files(
                 problems.append(
                     doc.problem(
                         at,
-                        f"'{_shorten(rel)}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
+                        f"'{shorten(rel)}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
                     )
                 )
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):
-                problems.append(doc.problem(at, f"'{_shorten(rel)}': {size_or_problem}"))
+                problems.append(doc.problem(at, f"'{shorten(rel)}': {size_or_problem}"))
             else:
                 sizes[rel] = size_or_problem
-                if at[-1] == "depth_map" and _is_flat(full):
+                if at[-1] == "depth_map" and is_flat(full):
                     # depth2img scales the map by its min and max: a flat map divides by zero.
                     problems.append(
                         doc.problem(

@@ -342,7 +342,7 @@ def test_a_long_value_is_shortened_in_its_message(line: str) -> None:
 
 
 def test_a_scene_file_over_the_size_limit_is_refused_without_reading_it(tmp_path: Path) -> None:
-    from pipeline.scene import MAX_SCENE_BYTES
+    from pipeline.inputfiles import MAX_SCENE_BYTES
 
     path = tmp_path / "huge.yaml"
     with open(path, "wb") as f:  # sparse: no disk is used

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.scene import MAX_SCENE_BYTES, load_scene
+from pipeline.inputfiles import MAX_SCENE_BYTES
+from pipeline.scene import load_scene
 from pipeline.yamlio import SceneError
 from tests.reliability._helpers_inputs import ROOT, cli_probe
 

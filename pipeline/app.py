@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import yaml
 
 from pipeline.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.claims import live_claims
 from pipeline.cpu import choose_threads
 from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
@@ -102,6 +103,8 @@ class Report:
     seconds: float = 0.0
     threads: int | None = None  # CPU threads torch rendered with (None: nothing rendered on the CPU)
     notes: list[str] = field(default_factory=list)
+    record: list[str] = field(default_factory=list)  # the record files written (pipeline.record)
+    previous: str | None = None  # where the outputs this run replaced were kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,13 +311,15 @@ class Session:
         cache = open_cache(self.cache_dir, writable=False)
         try:
             cached = cache.frames.present([j.key for j in p]) if cache is not None else set()
-            previous = load_plan(cache.records if cache is not None else None, self._require().path)
+            records = cache.records if cache is not None else None
+            previous = load_plan(records, self._require().path)
+            claimed = live_claims(records)  # frames another render is working on now
         finally:
             if cache is not None:
                 cache.close()
         return [
             FrameStatus(j.frame, j.key, s == "cached", s)
-            for j, s in zip(p, frame_status(p, previous, cached), strict=True)
+            for j, s in zip(p, frame_status(p, previous, cached, claimed), strict=True)
         ]
 
     # 3. Render: the cache may be created and written from here on.
@@ -325,11 +330,15 @@ class Session:
         renderer: RendererArg = None,
         quiet: bool = True,
         on_start: Callable[[RenderSetup], None] | None = None,
+        command: str | None = None,
+        overwrite: bool = False,
     ) -> Report:
         """Render the frames that are not cached, store each as it finishes, write changed outputs.
 
         ``quiet=False`` shows a progress bar on stderr. ``on_start`` is called once everything is
-        checked and before the first frame renders (the CLI prints its notes there). Raises
+        checked and before the first frame renders (the CLI prints its notes there). ``command`` is
+        written into the record beside the outputs; outputs this run replaces are kept in
+        ``previous/`` there unless ``overwrite``. Raises
         :class:`InputError` (nothing written), :class:`RenderError` (finished frames kept) or
         ``KeyboardInterrupt`` (Ctrl-C: finished frames kept; call again to resume).
         """
@@ -352,6 +361,13 @@ class Session:
                     p = self._plan = plan(scene, env)
                     self._resolved = (ref, env)
                     cached = readable_frames(cache, p)
+            if cache.readonly and any(j.key not in cached for j in p):
+                # Stop before the model loads: nothing rendered could be stored.
+                missing = sum(1 for j in p if j.key not in cached)
+                raise RenderError(
+                    f"the cache in {cache.path} is read-only ({cache.readonly_reason}); {missing} frames "
+                    "are not cached and cannot be stored: render into a cache you can write (--cache-dir)"
+                )
             setup = RenderSetup(scene, env, ref, p, cache, self.threads)
             if on_start is not None:
                 on_start(setup)
@@ -376,6 +392,9 @@ class Session:
                     quiet=quiet,
                     make_renderer=lambda: self._make_renderer(renderer, setup),
                     progress=progress,
+                    command=command,
+                    overwrite=overwrite,
+                    model=self.model,
                 )
             except ModelError as exc:
                 raise InputError([f"{scene.path}: {exc}"]) from None

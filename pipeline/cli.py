@@ -73,19 +73,6 @@ def _fail(lines: list[str], code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
-    """The cache, created if ``writable`` (read-only where the disk refuses writes: see
-    `CacheDir.open`); with ``writable=False`` opened for reading only, None if there is none yet.
-
-    A cache that cannot be opened is exit 2 with a hint that never destroys an intact store, except
-    a full disk, which is exit 1 like a disk that fills up while rendering.
-    """
-    try:
-        return CacheDir.open(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
-    except CacheUnavailable as exc:
-        _fail([f"--cache-dir: {exc}", exc.hint()], code=1 if exc.kind == "full" else 2)
-
-
 class _Describe:
     """One-line descriptions of frame conditioning for the plan table and ``--plan --json``."""
 
@@ -204,6 +191,9 @@ def render_command(
         False, "--allow-outside-inputs", help="Accept input files outside the scene's folder."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace changed outputs without keeping the previous ones in previous/."
+    ),
 ) -> None:
     """Render a scene: only frames that are not cached are rendered; outputs are rebuilt when they changed."""
     # 1. Check every input before anything loads or is written (pipeline.app does the work).
@@ -235,7 +225,13 @@ def render_command(
             if setup.ref.is_embedded and not quiet:
                 typer.echo(RANDOM_WEIGHTS_NOTE.format(name=setup.ref.spec), err=True)
 
-        result = session.render(progress=options.get("progress"), quiet=quiet, on_start=on_start)
+        result = session.render(
+            progress=options.get("progress"),
+            quiet=quiet,
+            on_start=on_start,
+            command=options.get("command") or _command(ctx),
+            overwrite=overwrite,
+        )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not break the clean exit
         typer.echo(

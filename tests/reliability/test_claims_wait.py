@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import CacheDir, record_key
-from tests.reliability._util import ROOT, plan_keys, wait_until, write_scene
+from tests.reliability._util import ROOT, plan_keys, plan_rows, wait_until, write_scene
 
 FRAMES = 4
 
@@ -113,3 +113,15 @@ def test_frames_claimed_by_a_live_render_elsewhere_are_waited_for_with_a_message
     assert text.count("waiting for frames") >= 1 and "taking over" not in text
     result = json.loads(report.read_text())
     assert (result["rendered"], result["cached"]) == (2, 2)
+
+
+def test_plan_shows_frames_claimed_by_a_live_render(tmp_path: Path) -> None:
+    scene = write_scene(tmp_path / "scenes", FRAMES, outputs=("out.gif",))
+    cache = tmp_path / "cache"
+    keys = plan_keys(scene, cache)
+    since = time.time()
+    plant(cache, keys[1:3], since=since, renewed=since, lease=3600)
+    plant(cache, keys[3:], since=since - 7200, renewed=since - 7200, lease=60)  # lease over: not shown
+    claimed = f"claimed by host render-2 pid 4242 since {hhmmss(since)}"
+    rows = plan_rows(scene, cache)
+    assert [r["status"] for r in rows] == ["not rendered yet", claimed, claimed, "not rendered yet"]

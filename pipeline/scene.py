@@ -493,7 +493,7 @@ def _set_aside(data: Any, loc: tuple[Any, ...], kind: str) -> tuple[Any, ...] | 
     Never removes a list item: the positions of the items after it must not shift.
     """
     if kind == "missing":
-        if len(loc) >= 2 and isinstance(loc[-2], int) and loc[-1] in _STAND_INS:
+        if len(loc) >= 3 and isinstance(loc[-2], int) and loc[-3] in _LIST_ITEMS and loc[-1] in _STAND_INS:
             item = _lookup(data, loc[:-1])
             if isinstance(item, dict):
                 item[loc[-1]] = _stand_in(loc[:-1])[loc[-1]]

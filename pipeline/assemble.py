@@ -376,8 +376,12 @@ def _check_size(frame: Image.Image, index: int, expected: tuple[int, int] | None
 # Writers
 
 
-def write_mp4(path: Path, frames: Sequence[Image.Image], fps: float, *, quality: int = 8) -> None:
+def write_mp4(
+    path: Path, frames: Sequence[Image.Image], fps: float, *, quality: int = 8, comment: str | None = None
+) -> None:
     """Write an H.264 (libx264, yuv420p) MP4, streaming one frame at a time into ffmpeg.
+
+    ``comment`` goes into the file's metadata (``ffprobe`` shows it as ``comment``; players list it).
 
     ``quality`` is imageio's 1-10 scale (10 best; 8 is CRF 10, visually lossless for typical
     renders). Width and height must be even (yuv420p halves the chroma planes); frames are never
@@ -407,7 +411,7 @@ def write_mp4(path: Path, frames: Sequence[Image.Image], fps: float, *, quality:
             macro_block_size=1,
             ffmpeg_log_level="error",
             # Moves the index to the front so browsers can start playing before the download ends.
-            output_params=["-movflags", "+faststart"],
+            output_params=["-movflags", "+faststart", *_metadata(comment)],
         )
         try:
             for index, frame in enumerate(_iter_frames(frames)):
@@ -430,6 +434,14 @@ def write_mp4(path: Path, frames: Sequence[Image.Image], fps: float, *, quality:
         # imageio-ffmpeg does not check ffmpeg's exit status (a full disk truncates the file and only
         # prints a message): read the file back and count its frames before it may replace the old one.
         _check_mp4(tmp, path, len(frames))
+
+
+def _metadata(comment: str | None) -> list[str]:
+    # One argument, never parsed by a shell; ffmpeg's own "-metadata key=value" takes the text after
+    # the first "=" as it is. Line breaks are kept out: some players show only the first line.
+    if not comment:
+        return []
+    return ["-metadata", "comment=" + " ".join(comment.split())]
 
 
 class OutputError(OSError):
@@ -539,8 +551,17 @@ def write_gif(
         fp.write(b";")  # GIF trailer
 
 
-def write_png_frames(directory: Path, frames: Sequence[Image.Image], *, start: int = 0) -> list[Path]:
+def write_png_frames(
+    directory: Path,
+    frames: Sequence[Image.Image],
+    *,
+    start: int = 0,
+    texts: Sequence[dict[str, str]] | None = None,
+) -> list[Path]:
     """Write ``frame_{start:05d}.png``, ``frame_{start+1:05d}.png``, ... into ``directory``.
+
+    ``texts[i]``, when given, are frame i's PNG text chunks (``tEXt``, or ``iTXt`` for text that
+    Latin-1 cannot hold), as image viewers and ComfyUI-style tools read them.
 
     Each file is written atomically. Afterwards, ``frame_*.png`` files numbered at or beyond
     ``start + len(frames)`` are removed, so a scene that got shorter leaves no stale frames
@@ -550,13 +571,18 @@ def write_png_frames(directory: Path, frames: Sequence[Image.Image], *, start: i
     n = _require_frames(frames, "write_png_frames")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
+    if texts is not None and len(texts) != n:
+        raise ValueError(f"write_png_frames: {len(texts)} texts for {n} frames")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for offset, frame in enumerate(_iter_frames(frames)):
         target = directory / f"frame_{start + offset:05d}.png"
+        options: dict[str, Any] = {}
+        if texts is not None:
+            options["pnginfo"] = _png_info(texts[offset])
         with atomic_output(target) as tmp:
-            frame.save(tmp, format="PNG")
+            frame.save(tmp, format="PNG", **options)
         written.append(target)
     end = start + n
     for entry in directory.iterdir():
@@ -565,6 +591,20 @@ def write_png_frames(directory: Path, frames: Sequence[Image.Image], *, start: i
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
     return written
+
+
+def _png_info(texts: dict[str, str]) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in texts.items():
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            info.add_itxt(key, value)  # UTF-8: prompts in any script
+        else:
+            info.add_text(key, value)
+    return info
 
 
 def write_grid(
@@ -638,8 +678,8 @@ def kind_for_path(path: str | os.PathLike[str]) -> str:
 def write_output(kind: str, path: Path, frames: Sequence[Image.Image], **settings: Any) -> None:
     """Write ``frames`` as ``kind`` (one of ``OUTPUT_KINDS``) to ``path``.
 
-    ``settings`` are the keyword arguments of the matching writer (``fps`` and ``quality`` for
-    mp4; ``fps`` and ``loop`` for gif; ``start`` for frames; ``cols``, ``rows``, ``gap``,
+    ``settings`` are the keyword arguments of the matching writer (``fps``, ``quality`` and
+    ``comment`` for mp4; ``fps`` and ``loop`` for gif; ``start`` and ``texts`` for frames; ``cols``, ``rows``, ``gap``,
     ``background`` for grid). Two are accepted for every kind, so a caller can pass one set of
     scene settings: ``rubber_band`` (bool, applied to the frames before writing) and ``fps``
     (ignored by frames and grid). Unknown settings raise TypeError. Partial files left in the

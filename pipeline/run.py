@@ -32,10 +32,13 @@ from pipeline.environment import RenderEnv, input_files
 from pipeline.keys import key_of
 from pipeline.models import ModelError, ModelRef
 from pipeline.planner import Plan
+from pipeline.record import record_names, write_record
 from pipeline.scene import Output, Scene, output_kind
 from pipeline.yamlio import SceneError
 
-ASSEMBLE_VERSION = 1
+# 2: MP4s carry a comment and frames folders their parameters as PNG text chunks: every output is
+# written once more with them.
+ASSEMBLE_VERSION = 2
 # Frames per pipeline call by device: small on CPU (no gain from more), larger on a GPU.
 DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
 
@@ -196,11 +199,24 @@ def _settings(scene: Scene, target: Target, frames: int) -> dict[str, Any]:
     return {}
 
 
-def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -> dict[str, str]:
-    """Write every output whose frames or settings changed; returns {path: 'written' | 'up to date'}."""
+def assemble(
+    scene: Scene,
+    plan: Plan,
+    cache: CacheDir,
+    targets: list[Target],
+    *,
+    keep: Callable[[Path], None] | None = None,
+    model: str | None = None,
+) -> dict[str, str]:
+    """Write every output whose frames or settings changed; returns {path: 'written' | 'up to date'}.
+
+    ``keep(path)`` is called before an output that exists is replaced (see :class:`Keeper`).
+    ``model`` names the model in an MP4's comment (default: the scene's).
+    """
     keys = [job.key for job in plan]
     frames = CachedFrames(cache, keys)
     status: dict[str, str] = {}
+    rows: list[tuple[dict[str, Any], dict[str, Any]]] | None = None
     for target in targets:
         target.path.parent.mkdir(parents=True, exist_ok=True)
         clean_partials(target.path.parent)  # temporary files of a run killed while writing outputs
@@ -219,10 +235,91 @@ def assemble(scene: Scene, plan: Plan, cache: CacheDir, targets: list[Target]) -
         if record and record.get("key") == out_key and _stamp(target.path) == record.get("stamp"):
             status[str(target.path)] = "up to date"
             continue
-        write_output(target.kind, target.path, frames, **settings)
+        # What the file says of itself: decided by the frame keys and the scene, never fed back into them.
+        extra: dict[str, Any] = {}
+        if target.kind == "mp4":
+            extra["comment"] = mp4_comment(scene, plan, model or scene.model)
+        elif target.kind == "frames":
+            if rows is None:
+                from pipeline.record import flat, frame_rows
+
+                rows = [(r, flat(r)) for r in frame_rows(plan)]
+            from pipeline.record import png_texts
+
+            extra["texts"] = [png_texts(r, v) for r, v in rows]
+        if keep is not None and _stamp(target.path) is not None:
+            keep(target.path)
+        write_output(target.kind, target.path, frames, **settings, **extra)
         cache.records.put_json(rec_key, {"key": out_key, "stamp": _stamp(target.path)})
         status[str(target.path)] = "written"
     return status
+
+
+def mp4_comment(scene: Scene, plan: Plan, model: str) -> str:
+    """An MP4's comment: what made it, in one line. Decided by the scene and the frame keys alone (no
+    time, no command), so the same frames make the same bytes."""
+    from pipeline import __version__
+    from pipeline.record import record_names
+
+    frames = hashlib.sha256("\n".join(job.key for job in plan).encode()).hexdigest()[:16]
+    return (
+        f"sd-scenes {__version__}: {scene.path.name}, {len(plan)} frames {scene.width}x{scene.height}, "
+        f"{scene.steps} steps, model {model}; frame keys {frames}; "
+        f"settings in {record_names(scene)['record']}"
+    )
+
+
+class Keeper:
+    """Keeps the outputs a re-render replaces: each is hard-linked (copied where links are not
+    possible) into ``previous/<when it was written>/`` in the output folder, at its own relative
+    path, before the new one is renamed over it. One folder per run, named after the time in the
+    previous record (else the file's mtime), in UTC: ``previous/2026-12-01T15-35-23Z``."""
+
+    def __init__(self, out_dir: Path, record: Path) -> None:
+        self.out_dir = out_dir
+        self.record = record
+        self.folder: Path | None = None
+
+    def __call__(self, path: Path) -> None:
+        if self.folder is None:
+            self.folder = self._new_folder(path)
+        into = self.folder / path.relative_to(self.out_dir)
+        if path.is_dir():
+            with os.scandir(path) as entries:
+                files = [Path(e.path) for e in entries if is_frame_file(e.name) and e.is_file()]
+            into.mkdir(parents=True, exist_ok=True)
+            for file in files:
+                _link_or_copy(file, into / file.name)
+        else:
+            into.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(path, into)
+
+    def _new_folder(self, path: Path) -> Path:
+        import json
+        from datetime import datetime, timezone
+
+        when: datetime | None = None
+        try:
+            when = datetime.fromisoformat(json.loads(self.record.read_text())["written_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        name = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+        base = self.out_dir / "previous"
+        folder, n = base / name, 1
+        while folder.exists():
+            n += 1
+            folder = base / f"{name}-{n}"
+        folder.mkdir(parents=True)
+        return folder
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        shutil.copy2(source, target)
 
 
 def _stamp(path: Path) -> list[int] | str | None:
@@ -315,13 +412,21 @@ def run(
     quiet: bool = False,
     make_renderer: Callable[[], Any],
     progress: Callable[[Progress], None] | None = None,
+    command: str | None = None,
+    overwrite: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """Render what is missing, store each frame as it finishes, then write the outputs.
+    """Render what is missing, store each frame as it finishes, then write the outputs and the record.
 
     ``make_renderer()`` builds the batch renderer (loading the model) the first time a frame must
-    render; ``progress`` is called with a :class:`Progress` after each step.
+    render; ``progress`` is called with a :class:`Progress` after each step. Outputs a re-render
+    replaces are kept in ``previous/`` unless ``overwrite``; ``command`` and ``model`` (a --model
+    override) go into the record (``pipeline.record``).
     """
     renderer: Renders | None = None
+    out_dir = targets.out_dir if isinstance(targets, Targets) else None
+    names = record_names(scene)
+    keep = Keeper(out_dir, out_dir / names["record"]) if out_dir is not None and not overwrite else None
     for _attempt in range(3):
         todo = {job.key: job for job in plan if job.key not in cached}
         if todo:
@@ -330,7 +435,7 @@ def run(
             )
             renderer.run(list(todo.values()), len(plan) - len(todo))
         try:
-            status = assemble(scene, plan, cache, targets)
+            status = assemble(scene, plan, cache, targets, keep=keep, model=model or env.model)
             break
         except FrameMissing:
             # A cached frame was corrupt (the cache warned): render every unreadable frame again.
@@ -338,6 +443,20 @@ def run(
     else:
         raise RuntimeError("frames keep disappearing from the cache while outputs are written")
     notes = left_behind(scene, targets, cache) if isinstance(targets, Targets) else []
+    record: list[str] = []
+    if out_dir is not None and ("written" in status.values() or not (out_dir / names["record"]).exists()):
+        # The record follows the outputs: written with them, kept with them.
+        kept = keep if keep is not None and keep.folder is not None else None
+        record = [
+            str(p)
+            for p in write_record(
+                out_dir, scene, env, ref, plan, targets, status, command=command, model=model, keep=kept
+            )
+        ]
+    if keep is not None and keep.folder is not None:
+        notes.append(
+            f"the outputs this run replaced are kept in {keep.folder} (--overwrite replaces them instead)"
+        )
     # Frames this process rendered; the rest came from the cache (or from another render sharing it).
     rendered = sum(1 for job in plan if renderer and job.key in renderer.rendered)
     if progress is not None:
@@ -351,6 +470,8 @@ def run(
         "embeddings_encoded": renderer.encoded if renderer else 0,
         "outputs": [str(t.path) for t in targets],
         "output_status": status,
+        "record": record,
+        "previous": str(keep.folder) if keep is not None and keep.folder is not None else None,
         "notes": notes,
         "device": env.device,
         "dtype": env.dtype,

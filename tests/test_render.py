@@ -67,7 +67,8 @@ def test_first_run_renders_everything_then_nothing(scene_dir: Path, tmp_path: Pa
     first = render(scene, tmp_path / "cache")
     assert (first["frames"], first["rendered"], first["cached"]) == (12, 12, 0)
     out = scene_dir / "renders" / "scene"
-    assert sorted(p.name for p in out.iterdir()) == ["out.gif", "out.mp4"]
+    record = ["out.srt", "scene.frames.csv", "scene.frames.json", "scene.record.json", "scene.scene.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["out.gif", "out.mp4", *record])
     second = render(scene, tmp_path / "cache")
     assert (second["rendered"], second["cached"]) == (0, 12)
     assert set(second["output_status"].values()) == {"up to date"}

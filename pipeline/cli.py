@@ -164,6 +164,11 @@ def render_command(
         False, "--plan", help="Show the frames and whether each is cached; render nothing."
     ),
     as_json: bool = typer.Option(False, "--json", help="With --plan: print JSON, one object per frame."),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write the plot of every keyframed value over the frames (.png or .svg); render nothing.",
+    ),
     model: str | None = typer.Option(
         None,
         "--model",
@@ -210,10 +215,20 @@ def render_command(
     problems = [str(p) for p in session.problems]
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
+    if plot is not None:
+        from pipeline.plot import plot_problem
+
+        if (why := plot_problem(plot)) is not None:
+            problems.append(f"--plot: {why}")
     if problems:
         _fail(problems)
     options: dict[str, Any] = ctx.obj or {}
     try:
+        if plot is not None:
+            drawn = session.plot(plot)
+            typer.echo(f"values plot: {plot} ({', '.join(drawn) or 'no value changes'})", err=plan_only)
+        if plot is not None and not plan_only:
+            return
         if plan_only:
             status = [f.status for f in session.status()]
             assert session.scene is not None
@@ -256,6 +271,14 @@ def render_command(
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """Print the JSON Schema of the scene format (scenes/scene.schema.json is this, for editors)."""
+    from pipeline.schema import schema_text
+
+    typer.echo(schema_text(), nl=False)
 
 
 def _command(ctx: typer.Context) -> str:
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None, *, progress: Any = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = _prog_name()
     command = shlex.join([*prog.split(" "), *args])
-    if args and args[0] not in ("render", "cache", "--help", "-h", "--version"):
+    if args and args[0] not in ("render", "cache", "schema", "--help", "-h", "--version"):
         args.insert(0, "render")
     app(args=args, prog_name=prog, obj={"progress": progress, "command": command})
 

@@ -322,6 +322,14 @@ class Session:
             for j, s in zip(p, frame_status(p, previous, cached, claimed), strict=True)
         ]
 
+    def plot(self, path: str | Path) -> list[str]:
+        """Write the plot of every keyframed value over the frames (PNG or SVG by suffix) without
+        loading a model or importing torch; returns the names of the values that change."""
+        from pipeline.plot import scene_plot
+
+        self._require()
+        return scene_plot(self, Path(path))
+
     # 3. Render: the cache may be created and written from here on.
     def render(
         self,

@@ -88,13 +88,19 @@ MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors crate's own limit
 
 
 def weights_file_problem(path: Path) -> str | None:
-    """What makes ``path`` (a regular file) unloadable as LoRA or textual-inversion weights, or None.
+    """What makes ``path`` (a regular file) unloadable as LoRA or textual-inversion weights, or None."""
+    found = read_weights_header(path)
+    return found if isinstance(found, str) else None
+
+
+def read_weights_header(path: Path) -> dict[str, list[int]] | str:
+    """The tensors of a weights file as {name: shape}, or what makes it unloadable.
 
     Reads the header only, without torch: a ``.safetensors`` file must have the layout the
     safetensors loader checks (an 8-byte little-endian header length, a JSON header of tensors whose
     byte ranges fit their dtype and shape and fill the rest of the file exactly); any other file is
     loaded with ``torch.load`` by diffusers, so it must start like one (a zip archive, as
-    ``torch.save`` writes, or a pickle).
+    ``torch.save`` writes, or a pickle), and its tensors cannot be listed ({} is returned).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -103,7 +109,7 @@ def weights_file_problem(path: Path) -> str | None:
             head = f.read(8)
             if path.suffix.lower() != ".safetensors":
                 if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-                    return None
+                    return {}
                 return "not a weights file (neither safetensors nor a PyTorch file)"
             if len(head) < 8:
                 return "not a safetensors file (too short for its 8-byte header length)"
@@ -115,7 +121,25 @@ def weights_file_problem(path: Path) -> str | None:
         return f"cannot be read ({exc.strerror})"
     except ValueError:  # also UnicodeDecodeError and json.JSONDecodeError
         return "not a safetensors file (its header is not JSON)"
-    return _safetensors_header_problem(header, size - 8 - length)
+    problem = _safetensors_header_problem(header, size - 8 - length)
+    if problem is not None:
+        return problem
+    return {str(name): list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def embedding_problem(tensors: dict[str, list[int]]) -> str | None:
+    """What keeps a safetensors file's tensors from loading as one learned embedding, or None.
+
+    diffusers' ``load_textual_inversion`` takes a file of exactly one tensor (named after its token)
+    and refuses any other; a PyTorch file's tensors are not known here (``tensors`` is empty).
+    """
+    if len(tensors) > 1:
+        names = ", ".join(shorten(name, 30) for name in list(tensors)[:3])
+        return (
+            f"a learned-embedding file holds one tensor (its token's vectors), this one holds "
+            f"{len(tensors)} ({names}{', ...' if len(tensors) > 3 else ''}); is it a LoRA?"
+        )
+    return None
 
 
 def _safetensors_header_problem(header: Any, data_bytes: int) -> str | None:

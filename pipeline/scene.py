@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import re
 from decimal import ROUND_HALF_UP, Decimal
@@ -33,11 +34,12 @@ from pydantic_core import PydanticCustomError
 from pipeline import curves
 from pipeline.gcpause import gc_paused
 from pipeline.inputfiles import (
+    embedding_problem,
     image_size,
     is_flat,
     path_kind,
     read_scene_bytes,
-    weights_file_problem,
+    read_weights_header,
 )
 from pipeline.schedulers import scheduler_names
 from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint
@@ -941,7 +943,11 @@ def _check_rules(
         ),
         (
             "embeddings",
-            [(("embeddings", i, "token"), e.token) for i, e in enumerate(scene.embeddings) if e.token],
+            [
+                (("embeddings", i, "token" if e.token else "path"), token)
+                for i, e in enumerate(scene.embeddings)
+                if (token := embedding_token(scene, e))
+            ],
         ),
     ):
         first: dict[str, tuple[Any, ...]] = {}
@@ -1082,15 +1088,17 @@ def _check_modes_and_files(
                 )
             )
         elif at[0] in ("embeddings", "loras"):
-            why = weights_file_problem(full)
-            if why is not None:
-                what = "learned embeddings" if at[0] == "embeddings" else "LoRA weights"
+            what = "learned embeddings" if at[0] == "embeddings" else "LoRA weights"
+            tensors = read_weights_header(full)
+            if isinstance(tensors, str):
                 problems.append(
                     doc.problem(
                         at,
-                        f"'{shorten(rel)}': {why}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
+                        f"'{shorten(rel)}': {tensors}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
                     )
                 )
+            elif at[0] == "embeddings" and (why := embedding_problem(tensors)) is not None:
+                problems.append(doc.problem(at, f"'{shorten(rel)}': {why}"))
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)
             if isinstance(size_or_problem, str):
@@ -1166,11 +1174,14 @@ def check_against_model(
     family: str,
     components: dict[str, Any],
     model: str | None = None,
+    folder: Path | None = None,
 ) -> list[Problem]:
     """What the scene asks of its model that the model cannot do: modes, learned embeddings, T5.
 
     ``model`` is the ``--model`` that replaces the scene's ``model:``, if any: the messages name the
-    model that is used and where it came from.
+    model that is used and where it came from. ``folder`` is the model's local files (``ModelRef.folder``),
+    if there are any: learned-embedding tokens and sizes are then checked against its tokenizer and
+    text encoder, which diffusers would otherwise refuse only once the model has loaded.
     """
     from pipeline.models import modes_for
 
@@ -1205,6 +1216,8 @@ def check_against_model(
                 key=True,
             )
         )
+    if scene.embeddings and family == "sd" and folder is not None:
+        problems += _check_embeddings_against(scene, doc, folder, named)
     if scene.t5 and (family != "sd3" or not (components.get("text_encoder_3") or [None])[0]):
         problems.append(
             doc.problem(
@@ -1213,4 +1226,61 @@ def check_against_model(
                 key=True,
             )
         )
+    return problems
+
+
+def embedding_token(scene: Scene, emb: LearnedEmbedding) -> str | None:
+    """The token a learned embedding adds: its 'token', else the name of the file's one tensor."""
+    if emb.token:
+        return emb.token
+    try:
+        tensors = read_weights_header(scene.resolve(emb.path))
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return next(iter(tensors)) if isinstance(tensors, dict) and len(tensors) == 1 else None
+
+
+def _check_embeddings_against(scene: Scene, doc: YamlDoc, folder: Path, named: str) -> list[Problem]:
+    """Learned embeddings against the model's tokenizer and text encoder, as diffusers will load them.
+
+    diffusers refuses a token that the tokenizer already knows ('dog' is a word of CLIP's vocabulary,
+    '<tom>' is not), and an embedding whose vectors are not the text encoder's width.
+    """
+    problems: list[Problem] = []
+    try:
+        vocab = set(json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8")))
+        added = folder / "tokenizer" / "added_tokens.json"
+        if added.is_file():
+            vocab |= set(json.loads(added.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        vocab = set()
+    try:
+        config = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        width = config.get("hidden_size") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        width = None
+    for i, emb in enumerate(scene.embeddings):
+        token = embedding_token(scene, emb)
+        at = ("embeddings", i, "token" if emb.token else "path")
+        if token is not None and (token in vocab or f"{token}_1" in vocab):
+            problems.append(
+                doc.problem(
+                    at,
+                    f"embedding {i + 1}: the token '{shorten(token, 40)}' is already a word of the tokenizer of "
+                    f"{named}; choose a new one, e.g. '<{shorten(token, 30).strip('<>')}>'",
+                )
+            )
+        try:
+            tensors = read_weights_header(scene.resolve(emb.path))
+        except (OSError, RuntimeError, ValueError):
+            continue
+        shape = next(iter(tensors.values())) if isinstance(tensors, dict) and len(tensors) == 1 else None
+        if isinstance(width, int) and shape and shape[-1] != width:
+            problems.append(
+                doc.problem(
+                    ("embeddings", i, "path"),
+                    f"embedding {i + 1}: its vectors have {shape[-1]} values, the text encoder of {named} "
+                    f"takes {width}; it was made for another model",
+                )
+            )
     return problems

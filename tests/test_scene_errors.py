@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scene import load_scene, parse_scene
+from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
 from pipeline.yamlio import Problem, SceneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,7 @@ def make_inputs(folder: Path) -> None:
     for name, color in (("init", (200, 120, 40)), ("mask", (255, 255, 255)), ("depth", (90, 90, 90))):
         Image.new("RGB", (16, 16), color).save(inputs / f"{name}.png")
     shutil.copyfile(ROOT / "scenes" / "inputs" / "style_tiny.safetensors", inputs / "style.safetensors")
+    shutil.copyfile(ROOT / "scenes" / "inputs" / "tom_tiny.safetensors", inputs / "tom.safetensors")
     # Files named as weights that are not: a text file, a header cut short, a .bin that is text.
     (inputs / "notes.safetensors").write_text("these are not weights\n")
     weights = (ROOT / "scenes" / "inputs" / "tom_tiny.safetensors").read_bytes()
@@ -377,4 +378,53 @@ def test_a_utf16_scene_says_so(tmp_path: Path) -> None:
     assert (
         problem.message
         == "the scene file is not UTF-8 text (byte 0xff; it starts like UTF-16); save it as UTF-8"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned embeddings against the model's tokenizer and text encoder (check_against_model)
+
+
+def _embedding_scene(tmp_path: Path, token: str, vectors: int = 32) -> Scene:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    save_file({"<tom>": np.zeros((1, vectors), np.float32)}, str(tmp_path / "inputs" / "tom.safetensors"))
+    text = f"embeddings:\n  - {{path: inputs/tom.safetensors, token: {token!r}}}\nkeyframes:\n  - {{frame: 0, prompt: a}}\n"
+    return parse_scene(text, "emb.yaml", base_path=tmp_path / "emb.yaml")
+
+
+@pytest.mark.parametrize(
+    ("token", "vectors", "expect"),
+    [
+        ("dog", 32, "2:43: embedding 1: the token 'dog' is already a word of the tokenizer of model 'tiny'"),
+        (
+            "<tom>",
+            768,
+            "2:12: embedding 1: its vectors have 768 values, the text encoder of model 'tiny' takes 32",
+        ),
+    ],
+)
+def test_learned_embedding_that_the_model_would_refuse(
+    tmp_path: Path, token: str, vectors: int, expect: str
+) -> None:
+    """diffusers refuses these when the model loads (a traceback, after the model loaded); now before."""
+    scene = _embedding_scene(tmp_path, token, vectors)
+    tiny = ROOT / "pipeline" / "embedded" / "tiny"
+    problems = check_against_model(
+        scene, pipeline_class="StableDiffusionPipeline", family="sd", components={}, folder=tiny
+    )
+    (problem,) = problems
+    assert f"{problem.line}:{problem.col}: {problem.message}".startswith(expect), problem
+
+
+def test_a_new_token_of_the_right_width_passes(tmp_path: Path) -> None:
+    scene = _embedding_scene(tmp_path, "<tom>")
+    tiny = ROOT / "pipeline" / "embedded" / "tiny"
+    assert (
+        check_against_model(
+            scene, pipeline_class="StableDiffusionPipeline", family="sd", components={}, folder=tiny
+        )
+        == []
     )

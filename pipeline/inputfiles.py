@@ -127,6 +127,22 @@ def read_weights_header(path: Path) -> dict[str, list[int]] | str:
     return {str(name): list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
 
 
+def lora_problem(tensors: dict[str, list[int]]) -> str | None:
+    """What keeps a safetensors file's tensors from being LoRA weights, or None.
+
+    Every LoRA format names its tensors with 'lora' (PEFT's 'lora_A'/'lora_B', kohya's 'lora_unet_...',
+    older diffusers' 'to_k_lora.down'); diffusers loads a file with none of them without a word and
+    renders as if there were no LoRA. A PyTorch file's tensors are not known here (``tensors`` is empty).
+    """
+    if tensors and not any("lora" in name.lower() for name in tensors):
+        names = ", ".join(shorten(name, 30) for name in list(tensors)[:3])
+        return (
+            f"no tensor in it is LoRA weights (their names hold 'lora'; this file has {names}"
+            f"{', ...' if len(tensors) > 3 else ''}); is it a learned embedding?"
+        )
+    return None
+
+
 def embedding_problem(tensors: dict[str, list[int]]) -> str | None:
     """What keeps a safetensors file's tensors from loading as one learned embedding, or None.
 

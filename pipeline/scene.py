@@ -37,6 +37,7 @@ from pipeline.inputfiles import (
     embedding_problem,
     image_size,
     is_flat,
+    lora_problem,
     path_kind,
     read_scene_bytes,
     read_weights_header,
@@ -1097,7 +1098,7 @@ def _check_modes_and_files(
                         f"'{shorten(rel)}': {tensors}; {what} must be a .safetensors file (or a PyTorch .bin/.pt file)",
                     )
                 )
-            elif at[0] == "embeddings" and (why := embedding_problem(tensors)) is not None:
+            elif (why := (embedding_problem if at[0] == "embeddings" else lora_problem)(tensors)) is not None:
                 problems.append(doc.problem(at, f"'{shorten(rel)}': {why}"))
         elif at[-1] in IMAGE_FIELDS:
             size_or_problem = image_size(full)

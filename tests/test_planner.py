@@ -24,10 +24,9 @@ from pipeline.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest file that passes as LoRA weights (scene validation reads a safetensors header):
-# one float32 tensor of one element.
-LORA_BYTES = b'8\x00\x00\x00\x00\x00\x00\x00{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}  ' + bytes(
-    4
-)
+# one float32 tensor of one element, named as LoRA tensors are.
+_LORA_HEADER = b'{"w.lora_A.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+LORA_BYTES = len(_LORA_HEADER).to_bytes(8, "little") + _LORA_HEADER + bytes(4)
 
 TWO_KEYS = """
 seed: 3

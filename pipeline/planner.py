@@ -8,11 +8,13 @@ Pure and fast: no torch, no model, no disk (the facts from outside the scene arr
 
 How values change over time. Each keyframed value (prompt, negative prompt, seed, each scalar,
 each LoRA scale, mode and its inputs) has its own track made of the keyframes that set it; the
-scene's top-level value is that track's value at frame 0 unless a keyframe at frame 0 sets it.
-Between two keyframes of a track, the value is eased with the curve of the later keyframe (or
-the scene's ``curve``); ``hold: true`` on the earlier one keeps its values until the later one.
-Before a track's first keyframe its first value holds; after the last, the last. Modes and input
-images never blend: they hold from the keyframe that sets them.
+scene's top-level value is that track's value at frame 0 unless a keyframe at frame 0 sets it. A
+value the scene never writes at the top level has no value at frame 0 (its built-in default counts
+only when no keyframe sets it). Between two keyframes of a track, the value is eased with the curve
+of the later keyframe (or the scene's ``curve``); ``hold: true`` on the earlier one keeps its values
+until the later one. Before a track's first keyframe its first value holds; after the last, the
+last. Modes and input images never blend: they hold from the keyframe that sets them, and the
+top-level value (txt2img, no image) holds before it. A blend of a value with itself is that value.
 
 A frame's key is ``key_of`` the base recipe's key plus the frame's own recipe, which names only what
 decides its pixels: prompt embeddings by their keys with their weights and the eased ``t``, the

@@ -38,17 +38,32 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 Path_ = tuple[str | int, ...]
 
 
+# Characters that would break a problem's one line: control characters (a "\\n" in a quoted value is
+# a real newline) and the Unicode line and paragraph separators that str.splitlines() splits at.
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character written as its escape (a newline as '\\n')."""
+    return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a scene file, at a 1-based line and column."""
+    """One thing wrong with a scene file, at a 1-based line and column; always one line of text."""
 
     file: str
     line: int
     col: int
     message: str
 
+    def __post_init__(self) -> None:
+        # A value quoted in a message may hold a newline ("a\\nb.gif"); the message stays one line.
+        if _LINE_BREAKING.search(self.message):
+            object.__setattr__(self, "message", one_line(self.message))
+
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+        return f"{one_line(self.file)}:{self.line}:{self.col}: {self.message}"
 
 
 class SceneError(Exception):

@@ -206,6 +206,7 @@ class Session:
         self._plan: Plan | None = None
         self._checked_model = False
         self._memo_changes: dict[str, Any] | None = None
+        self._rendered = False
         try:
             self.scene = _load(source, allow_outside_inputs, base_dir, name)
             outputs_dir = (out_dir or self.scene.base_dir / "renders" / self.scene.name).resolve()
@@ -218,12 +219,14 @@ class Session:
     @property
     def problems(self) -> list[Any]:
         """Every problem found, each printable as the CLI prints it; [] when the scene can render."""
-        if not self._problems and not self._checked_model:
+        cache_ok = not any(isinstance(p, OptionProblem) and p.option == "--cache-dir" for p in self._problems)
+        if self.scene is not None and cache_ok and not self._checked_model:
+            # The model's problems too, with the scene's outputs' and the options': all in one report.
             self._checked_model = True
             try:
                 self._resolve()
             except InputError as exc:
-                self._problems = exc.problems
+                self._problems = self._problems + exc.problems
         return list(self._problems)
 
     def _option_problems(self) -> list[OptionProblem]:
@@ -282,6 +285,7 @@ class Session:
                     family=ref.family,
                     components=ref.index,
                     model=self.model,  # messages name the model used, and that it came from --model
+                    folder=ref.folder,  # tokens and embedding widths checked against the model's files
                 )
                 if misfits:
                     raise InputError(misfits)
@@ -351,6 +355,11 @@ class Session:
         ``KeyboardInterrupt`` (Ctrl-C: finished frames kept; call again to resume).
         """
         scene = self._require()
+        if self._rendered:
+            # A session used again (a notebook) reads its model and inputs afresh: files edited since
+            # the last render are planned with their new content, not stopped as changed mid-run.
+            self._resolved = self._plan = None
+        self._rendered = True
         ref, env = self._resolve()
         p = self.plan()
         cache = open_cache(self.cache_dir, writable=True)

@@ -297,3 +297,25 @@ def test_threads_are_set_for_cpu_renders_and_reported(
         torch.set_num_threads(before)
     bad = _open(WALK, tmp_path, threads=-1).problems
     assert [str(p).split(":")[0] for p in bad] == ["--threads"]
+
+
+def test_output_option_and_model_problems_come_in_one_report(tmp_path: Path) -> None:
+    bad = {**MORPH, "model": "tiny-inpaint", "outputs": ["f/", "f/frame_00000.png"]}
+    problems = [str(p) for p in _open(bad, tmp_path, batch_size=0).problems]
+    assert any("--batch-size" in p for p in problems)
+    assert any("f/frame_00000.png" in p for p in problems)  # inside the frames folder f/
+    assert any("mode txt2img is not possible" in p for p in problems)  # the model check ran too
+
+
+def test_a_session_rendered_again_after_an_input_edit_uses_the_new_content(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    scene = {**WALK, "mode": "img2img", "init_image": "in.png", "strength": 0.5}
+    session = _open(scene, tmp_path)
+    first = session.render()
+    assert first.rendered == 4
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "in.png")
+    again = session.render()  # the same session: re-planned with the edited image
+    assert (again.rendered, again.cached) == (4, 0)
+    assert _open(scene, tmp_path).render().rendered == 0  # and those frames are the new image's

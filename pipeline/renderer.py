@@ -36,6 +36,7 @@ from pipeline.cache import CacheDir
 from pipeline.environment import read_input
 from pipeline.interpolate import Entry, conditioning, noise_for
 from pipeline.keys import key_of
+from pipeline.models import ModelError
 from pipeline.planner import FrameJob, Plan
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
@@ -210,6 +211,8 @@ class FrameRenderer:
         # guidance then come from the same CLIP layer. Every prompt is encoded here, one at a time.
         clip_skip = self.scene.clip_skip or None
         pipe = self.pipe
+        if clip_skip:
+            self._check_clip_skip(clip_skip)
         if self.family == "sd" and clip_skip:
             entry = {"prompt_embeds": self._sd_skipped(text, clip_skip)}
         elif self.family == "sd":
@@ -242,6 +245,22 @@ class FrameRenderer:
             entry = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         # Stored as float32 on the CPU: interpolation is done in float32 whatever the device.
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in entry.items()}
+
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        """A clip_skip past the first layer is bad input (exit 2), not an IndexError deep in an encoder.
+
+        SD 1.x/2.x take ``hidden_states[-(clip_skip + 1)]``, SDXL and SD3 ``[-(clip_skip + 2)]``, of a
+        tuple holding the token embeddings and then each of the encoder's layers.
+        """
+        offset = 1 if self.family == "sd" else 2
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(self.pipe, name, None)
+            layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+            if isinstance(layers, int) and clip_skip + offset > layers + 1:
+                raise ModelError(
+                    f"clip_skip: {clip_skip} skips more layers than the model's {name} has ({layers}); "
+                    f"with this model clip_skip can be at most {layers + 1 - offset}"
+                )
 
     def _sd_skipped(self, text: str, clip_skip: int) -> torch.Tensor:
         """SD 1.x/2.x embeddings from the CLIP layer ``clip_skip`` layers before the last.

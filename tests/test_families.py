@@ -230,3 +230,20 @@ def test_depth2img_in_float32_says_nothing_about_autocast(tmp_path: Path) -> Non
         report = run_render(scene, tmp_path / "cache")
     assert report["rendered"] == 2
     assert [str(w.message) for w in seen if "autocast" in str(w.message)] == []
+
+
+@pytest.mark.parametrize(("model", "too_many"), [("tiny", 3), ("tiny-sdxl", 2)])
+def test_clip_skip_past_the_first_layer_is_bad_input(
+    model: str, too_many: int, tmp_path: Path, capsys
+) -> None:
+    # The embedded encoders have 2 layers: SD 1.x/2.x read hidden_states[-(n + 1)], SDXL [-(n + 2)].
+    # One more was an IndexError traceback from inside the encoder.
+    from pipeline.cli import main
+
+    scene = make_scene(tmp_path, model, f"clip_skip: {too_many}\n", noise="fixed", frames=2)
+    with pytest.raises(SystemExit) as exc:
+        main([str(scene), "--cache-dir", str(tmp_path / "cache"), "-q"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert f"clip_skip: {too_many} skips more layers than the model's text_encoder has (2)" in err
+    assert "Traceback" not in err

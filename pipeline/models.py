@@ -396,9 +396,11 @@ def choose_dtype(requested: str, device: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose numerics decide the pixels."""
+    """Versions of the libraries whose numerics decide the pixels: torch, diffusers and transformers
+    compute them; tokenizers makes the token ids, peft applies LoRA weights and Pillow resizes the
+    input images."""
     out = {}
-    for dist in ("torch", "diffusers", "transformers"):
+    for dist in ("torch", "diffusers", "transformers", "tokenizers", "peft", "pillow"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

@@ -1219,6 +1219,8 @@ def check_against_model(
         )
     if scene.embeddings and family == "sd" and folder is not None:
         problems += _check_embeddings_against(scene, doc, folder, named)
+    if scene.clip_skip and folder is not None:
+        problems += _check_clip_skip(scene, doc, folder, family, named)
     if scene.t5 and (family != "sd3" or not (components.get("text_encoder_3") or [None])[0]):
         problems.append(
             doc.problem(
@@ -1285,3 +1287,23 @@ def _check_embeddings_against(scene: Scene, doc: YamlDoc, folder: Path, named: s
                 )
             )
     return problems
+
+
+def _check_clip_skip(scene: Scene, doc: YamlDoc, folder: Path, family: str, named: str) -> list[Problem]:
+    """``clip_skip`` within the layers of the model's text encoders (an IndexError once loaded)."""
+    # SD 1.x/2.x take the last layer's output for clip_skip 0; SDXL and SD3 the one before it.
+    offset = 1 if family == "sd" else 2
+    for name in ("text_encoder", "text_encoder_2"):
+        try:
+            layers = int(json.loads((folder / name / "config.json").read_text())["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if scene.clip_skip + offset > layers + 1:
+            return [
+                doc.problem(
+                    ("clip_skip",),
+                    f"clip_skip {scene.clip_skip} skips more layers than {named}'s {name} has ({layers}); "
+                    f"at most {layers + 1 - offset}",
+                )
+            ]
+    return []

@@ -245,5 +245,8 @@ def test_clip_skip_past_the_first_layer_is_bad_input(
         main([str(scene), "--cache-dir", str(tmp_path / "cache"), "-q"])
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
-    assert f"clip_skip: {too_many} skips more layers than the model's text_encoder has (2)" in err
+    # Checked against the model's text encoder config before it loads: located, and nothing written.
+    assert "scene.yaml:" in err and f"clip_skip {too_many} skips more layers than" in err, err
+    assert "text_encoder has (2)" in err
     assert "Traceback" not in err
+    assert not (tmp_path / "cache").exists()

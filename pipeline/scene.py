@@ -28,6 +28,8 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -46,6 +48,8 @@ from pipeline.schedulers import scheduler_names
 from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint
 from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient, shorten
 
+# The validation context of the loader: it runs the scene rules itself (see Scene._timeline).
+_LOADING: dict[str, bool] = {"loading": True}
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
 # Scalars that a keyframe may set and that are interpolated with the keyframe's curve.
@@ -274,6 +278,19 @@ class Scene(_Strict):
     _total_frames: int = PrivateAttr(default=0)
     _doc: YamlDoc | None = PrivateAttr(default=None)
 
+    @model_validator(mode="after")
+    def _timeline(self, info: ValidationInfo) -> Scene:
+        """A scene built in code (``Scene.model_validate({...})``, ``Scene(...)``) gets its timeline
+        and the scene rules here, as a loaded one does in ``load_scene`` (which skips this pass).
+        Its relative paths are relative to the current folder."""
+        if info.context is _LOADING:
+            return self
+        self._path = Path("scene.yaml").resolve()
+        problems = _check_rules(self, YamlDoc("<Scene>", None), allow_outside_inputs=False)
+        if problems:
+            raise ValueError("; ".join(p.message for p in problems))
+        return self
+
     @property
     def path(self) -> Path:
         return self._path
@@ -448,7 +465,8 @@ def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any,
     removed: set[tuple[Any, ...]] = set()
     for _ in range(8):
         try:
-            return Scene.model_validate(data), problems, removed
+            # The loader checks the rules itself, with positions: the constructor's own pass is skipped.
+            return Scene.model_validate(data, context=_LOADING), problems, removed
         except ValidationError as exc:
             errors = exc.errors()
         for err in errors:

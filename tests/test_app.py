@@ -319,3 +319,18 @@ def test_a_session_rendered_again_after_an_input_edit_uses_the_new_content(tmp_p
     again = session.render()  # the same session: re-planned with the edited image
     assert (again.rendered, again.cached) == (4, 0)
     assert _open(scene, tmp_path).render().rendered == 0  # and those frames are the new image's
+
+
+def test_a_scene_built_through_its_constructor_has_its_timeline(make_env: Any) -> None:
+    import pydantic
+
+    from pipeline.planner import plan
+    from pipeline.scene import Scene
+
+    morph = Scene.model_validate({"keyframes": [{"frame": 0, "prompt": "a"}, {"frame": 4, "prompt": "b"}]})
+    assert (morph.total_frames, morph.keyframe_frames) == (5, [0, 4])
+    assert [j.frame for j in plan(morph, make_env())] == [0, 1, 2, 3, 4]
+    walk = Scene(walk={"prompt": "a dog", "frames": 3})
+    assert len(plan(walk, make_env())) == 3  # it planned 0 frames without a word before
+    with pytest.raises(pydantic.ValidationError, match="increasing frame order"):
+        Scene.model_validate({"keyframes": [{"frame": 3, "prompt": "a"}, {"frame": 1, "prompt": "b"}]})

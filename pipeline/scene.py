@@ -17,7 +17,10 @@ import difflib
 import json
 import math
 import re
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from decimal import ROUND_HALF_UP, Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,7 +48,15 @@ from pipeline.inputfiles import (
     read_weights_header,
 )
 from pipeline.schedulers import scheduler_names
-from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint
+from pipeline.schedules import (
+    EvalError,
+    Point,
+    ScheduleError,
+    looks_like_schedule,
+    parse_schedule,
+    schedule_values,
+)
+from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint, deforum_name_hint
 from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient, shorten
 
 # The validation context of the loader: it runs the scene rules itself (see Scene._timeline).
@@ -158,6 +169,8 @@ class Keyframe(_Strict):
 
     frame: Annotated[int | str, BeforeValidator(_frame_ref)]
     prompt: Prompt | None = None
+    prompt_prefix: str | None = None
+    prompt_suffix: str | None = None
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     curve: str | None = None
@@ -251,6 +264,10 @@ class Scene(_Strict):
     duration: Annotated[str | float | None, BeforeValidator(_duration)] = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     negative_prompt: str = ""
+    # Joined into every prompt when the scene loads (see ``join_prompt``), then cleared: the prompts
+    # the planner keys are the joined texts.
+    prompt_prefix: str | None = None
+    prompt_suffix: str | None = None
     interpolation: Literal["slerp", "lerp"] = "slerp"
     curve: str = "linear"
     noise: Annotated[Noise, BeforeValidator(_text_to_mapping("kind"))] = Field(default_factory=Noise)
@@ -277,6 +294,10 @@ class Scene(_Strict):
     _keyframe_frames: list[int] = PrivateAttr(default_factory=list)
     _total_frames: int = PrivateAttr(default=0)
     _doc: YamlDoc | None = PrivateAttr(default=None)
+    # Schedule strings taken out of the data before validation (value name -> schedule), and, once
+    # they are keyframes, each keyframe's index in the file (None for a keyframe a schedule made).
+    _schedules: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _written_index: list[int | None] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _timeline(self, info: ValidationInfo) -> Scene:
@@ -289,6 +310,7 @@ class Scene(_Strict):
         problems = _check_rules(self, YamlDoc("<Scene>", None), allow_outside_inputs=False)
         if problems:
             raise ValueError("; ".join(p.message for p in problems))
+        _join_prompt_parts(self)
         return self
 
     @property
@@ -435,11 +457,14 @@ def _parse_scene(
                 doc.problem((), f"the top level of a scene must be a mapping of keys, not a {_kind(kind)}"),
             ]
         )
+    schedules, schedule_problems = _take_schedules(doc, text)
+    problems += schedule_problems
     scene, type_problems, removed = _validate(doc)
     problems += type_problems
     if scene is not None:
         scene._path = (base_path or Path(shown)).resolve()
         scene._doc = doc
+        scene._schedules = schedules
         problems += _check_rules(scene, doc, allow_outside_inputs=allow_outside_inputs, removed=removed)
     if problems:
         # One problem per place: a rule (or a type check) about a value already reported repeats it.
@@ -451,7 +476,220 @@ def _parse_scene(
                 unique.append(p)
         raise SceneError(unique)
     assert scene is not None
+    _join_prompt_parts(scene)
+    if schedules:
+        _schedules_to_keyframes(scene)
     return scene
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared prompt parts and Deforum schedules: both become plain keyframes when the scene loads,
+# so the planner (and every key) sees only joined prompts and ordinary keyframes.
+
+# A part that starts with one of these is joined without a space (", film grain").
+_JOIN_WITHOUT_SPACE = ",.;:!?)]}"
+
+
+def join_prompt(prefix: str, text: str, suffix: str) -> str:
+    """``prefix``, ``text`` and ``suffix`` joined with one space, or none where the next part starts
+    with punctuation or either side already has a space there ('A cute' + 'dog' + ', film grain'
+    is 'A cute dog, film grain')."""
+
+    def glue(a: str, b: str) -> str:
+        if not a or not b:
+            return a + b
+        space = a[-1].isspace() or b[0].isspace() or b[0] in _JOIN_WITHOUT_SPACE
+        return a + ("" if space else " ") + b
+
+    return glue(glue(prefix, text), suffix)
+
+
+def _join_prompt_parts(scene: Scene) -> None:
+    """Join ``prompt_prefix`` / ``prompt_suffix`` into every prompt, then clear them.
+
+    A keyframe that sets a prefix or suffix changes it from that keyframe on (it holds, as text
+    cannot be eased); if it sets no prompt, the prompt in force is restated with the new parts.
+    """
+    prefix, suffix = scene.prompt_prefix or "", scene.prompt_suffix or ""
+    if scene.walk is not None and (prefix or suffix):
+        scene.walk.prompt = join_prompt(prefix, scene.walk.prompt, suffix)
+    if scene.grid is not None and (prefix or suffix):
+        scene.grid.prompts = [join_prompt(prefix, p, suffix) for p in scene.grid.prompts]
+    raw: list[PromptPart] | None = None
+    for kf in scene.keyframes:
+        changed = kf.prompt is not None
+        if kf.prompt_prefix is not None:
+            prefix, changed = kf.prompt_prefix, True
+        if kf.prompt_suffix is not None:
+            suffix, changed = kf.prompt_suffix, True
+        if kf.prompt is not None:
+            raw = kf.prompt
+        if changed and raw is not None and (prefix or suffix or kf.prompt is None):
+            kf.prompt = [PromptPart(text=join_prompt(prefix, p.text, suffix), weight=p.weight) for p in raw]
+        if kf.prompt_prefix is not None or kf.prompt_suffix is not None:
+            kf.prompt_prefix = kf.prompt_suffix = None
+    if scene.prompt_prefix is not None or scene.prompt_suffix is not None:
+        scene.prompt_prefix = scene.prompt_suffix = None
+
+
+# Values a schedule string may give (the eased keyframable numbers).
+SCHEDULABLE: tuple[str, ...] = SCALARS
+
+
+@dataclass
+class _Schedule:
+    """A schedule string of one value, its points, and where its characters are in the file."""
+
+    name: str
+    text: str
+    points: list[Point]
+    line: int
+    col: int  # of the string's first character (inside the quotes), or of the value if unknown
+    exact: bool  # whether the string is on one line as written, so offsets are columns
+    values: list[tuple[int, float]] = dataclass_field(default_factory=list)
+
+    def at(self, offset: int) -> tuple[int, int]:
+        return (self.line, self.col + offset) if self.exact else (self.line, self.col)
+
+
+def _take_schedules(doc: YamlDoc, text: str) -> tuple[dict[str, _Schedule], list[Problem]]:
+    """Take the schedule strings (``guidance: "0:(7.5), 30:(9)"``) out of the data before validation.
+
+    The values stay unwritten at the top level, so before a schedule's first point its first value
+    holds (as in Deforum). A malformed schedule is a problem at its column, and is set aside.
+    """
+    schedules: dict[str, _Schedule] = {}
+    problems: list[Problem] = []
+    data = doc.data
+    lines: list[str] | None = None
+    for name in SCHEDULABLE:
+        value = data.get(name)
+        if not isinstance(value, str) or not looks_like_schedule(value):
+            continue
+        del data[name]
+        lines = lines if lines is not None else text.split("\n")
+        line, col = doc.where((name,))
+        source = lines[line - 1] if 0 < line <= len(lines) else ""
+        start = col - 1
+        if source[start : start + 1] in ("'", '"'):
+            start += 1
+        exact = source[start : start + len(value)] == value
+        sched = _Schedule(name, value, [], line, start + 1 if exact else col, exact)
+        try:
+            sched.points = parse_schedule(value)
+        except ScheduleError as exc:
+            problems.append(Problem(doc.file, *sched.at(exc.offset), f"{name}: {exc.message}"))
+            continue
+        schedules[name] = sched
+    return schedules, problems
+
+
+def _bounds(name: str) -> tuple[float | None, float | None, bool]:
+    """A scalar's lowest and highest value (and whether the lowest is excluded), from the model."""
+    low = high = None
+    above = False
+    for m in Scene.model_fields[name].metadata:
+        if getattr(m, "ge", None) is not None:
+            low = m.ge
+        if getattr(m, "gt", None) is not None:
+            low, above = m.gt, True
+        if getattr(m, "le", None) is not None:
+            high = m.le
+    return low, high, above
+
+
+def _check_schedules(scene: Scene, doc: YamlDoc, declared_total: int | None, total: int) -> list[Problem]:
+    """Evaluate each schedule over the scene's frames; problems at the column they are about."""
+    problems: list[Problem] = []
+
+    def add(sched: _Schedule, offset: int, message: str) -> None:
+        problems.append(Problem(doc.file, *sched.at(offset), f"{sched.name}: {message}"))
+
+    for sched in scene._schedules.values():
+        if scene.walk is not None or scene.grid is not None:
+            add(sched, 0, "a schedule sets keyframes, and a walk or grid takes none; give one number")
+            continue
+        for i, kf in enumerate(scene.keyframes):
+            if getattr(kf, sched.name) is not None:
+                problems.append(
+                    doc.problem(
+                        ("keyframes", i, sched.name),
+                        f"keyframe {i + 1}: {sched.name} is also given by the schedule on line {sched.line}; "
+                        "set it in one place",
+                    )
+                )
+        beyond = [p for p in sched.points if declared_total is not None and p.frame >= declared_total]
+        for p in beyond:
+            add(
+                sched,
+                p.frame_offset,
+                f"frame {p.frame} is beyond the end; the scene has {declared_total} frames (0 to {declared_total - 1})",
+            )
+        if beyond:
+            continue
+        try:
+            values = schedule_values(sched.points, total, names={"max_f": total - 1, "s": scene.seed})
+        except (EvalError, ScheduleError) as exc:
+            add(sched, exc.offset, exc.message)
+            continue
+        low, high, above = _bounds(sched.name)
+        for frame, value, p in values:
+            if (low is not None and (value < low or (above and value == low))) or (
+                high is not None and value > high
+            ):
+                allowed = f"{'over' if above else 'from'} {low:g} to {high:g}" if high is not None else ""
+                add(sched, p.offset, f"the value at frame {frame} is {value:g}; allowed: {allowed}")
+                break
+        else:
+            sched.values = [(frame, value) for frame, value, _ in values]
+    return problems
+
+
+def _schedules_to_keyframes(scene: Scene) -> None:
+    """Merge the evaluated schedules into the keyframes, keeping every schedule linear.
+
+    A schedule point at a written keyframe's frame sets its value there; elsewhere a keyframe with
+    ``curve: linear`` is added. Where a written keyframe would ease the value otherwise (its
+    ``curve``, or the scene's, is not linear; or the point before it ``hold`` s), the frames between
+    the two points get keyframes of the linear values, so Deforum's straight lines stay straight.
+    """
+    frames, keyframes = scene.keyframe_frames, scene.keyframes
+    at_frame = {f: i for i, f in enumerate(frames)}
+
+    def linear_into(i: int) -> bool:
+        return (keyframes[i].curve or scene.curve).strip() == "linear"
+
+    updates: dict[int, dict[str, float]] = {}
+    for sched in scene._schedules.values():
+        points = sched.values
+        for (fa, va), (fb, vb) in pairwise(points):
+            ia, ib = at_frame.get(fa), at_frame.get(fb)
+            bent = (ib is not None and not linear_into(ib)) or (ia is not None and keyframes[ia].hold)
+            if bent and fb - fa > 1:
+                for n in range(fa + 1, fb):
+                    updates.setdefault(n, {})[sched.name] = va + (vb - va) * (n - fa) / (fb - fa)
+        for frame, value in points:
+            updates.setdefault(frame, {})[sched.name] = value
+    merged: list[Keyframe] = []
+    merged_frames: list[int] = []
+    index: list[int | None] = []
+    order = sorted(set(frames) | set(updates))
+    for frame in order:
+        i = at_frame.get(frame)
+        values = updates.get(frame)
+        if i is not None:
+            kf = keyframes[i] if not values else keyframes[i].model_copy(update=values)
+        else:
+            assert values is not None
+            kf = Keyframe.model_construct(
+                _fields_set={"frame", "curve", *values}, frame=frame, curve="linear", **values
+            )
+        merged.append(kf)
+        merged_frames.append(frame)
+        index.append(i)
+    scene.keyframes = merged
+    scene._keyframe_frames = merged_frames
+    scene._written_index = index
 
 
 def _validate(doc: YamlDoc) -> tuple[Scene | None, list[Problem], set[tuple[Any, ...]]]:
@@ -680,10 +918,7 @@ def _keyframe_key_hint(key: str) -> str | None:
             "lora": "lora: {style: 0.8}",
         }[name]
         return f"'{name}' is set per keyframe, in 'keyframes': e.g. keyframes: [{{frame: 0, {example}}}]"
-    if key.endswith("_schedule"):
-        name = key.removesuffix("_schedule")
-        return deforum_hint(name if name in SCALARS else "guidance")
-    return None
+    return deforum_name_hint(key)
 
 
 def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
@@ -704,7 +939,12 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
             )
         if DEFORUM_SCHEDULE.match(key):
             # '{frame: 0, guidance: 0:(7.5), 30:(9)}' splits at the comma: '30:(9)' is read as a key.
-            return doc.problem(clean, f"unknown key '{shorten(key, 40)}'{inside}; {deforum_hint()}", key=True)
+            named = next(
+                (k for k in reversed(list(_lookup(doc.data, clean[:-1]) or {})) if k in SCALARS), "guidance"
+            )
+            return doc.problem(
+                clean, f"unknown key '{shorten(key, 40)}'{inside}; {deforum_hint(named)}", key=True
+            )
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return doc.problem(
@@ -720,7 +960,7 @@ def _problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
         if kind == "bool_type" and isinstance(value, str):
             hint = " (YAML 1.2: only true and false are booleans; yes/no/on/off are text)"
         elif kind in ("int_type", "float_type") and isinstance(value, str) and DEFORUM_SCHEDULE.match(value):
-            hint = f"; {deforum_hint(str(clean[-1]))}"
+            hint = f"; {deforum_hint(str(clean[-1]), where='top' if len(clean) == 1 else 'keyframe')}"
         elif kind in ("int_type", "float_type") and isinstance(value, str) and ":" in value:
             hint = " (values like 1:30 are text, not minutes:seconds)"
         elif value is None:
@@ -893,22 +1133,39 @@ def _check_rules(
     elif scene.grid is not None:
         total = scene.grid.rows * scene.grid.cols
     else:
+        # Schedule points count like keyframes: the scene lasts until the last of either.
+        ends = frames + [p.frame for sched in scene._schedules.values() for p in sched.points]
         total = (
             declared_total
             if declared_total is not None
-            else (max(frames) + 1 if frames and max(frames) >= 0 else 1)
+            else (max(ends) + 1 if ends and max(ends) >= 0 else 1)
         )
     if total > MAX_FRAMES:
         # Point at what made the scene that long: 'frames', or the keyframe furthest out.
         at_total: tuple[Any, ...] = ("frames",)
         if scene.walk is None and scene.grid is None and declared_total is None and frames:
             at_total = ("keyframes", frames.index(max(frames)), "frame")
-        add(
-            doc.problem(
-                at_total,
-                f"the scene has {shorten(str(total), 30)} frames; at most {MAX_FRAMES} are allowed",
+        long_schedules = [sc for sc in scene._schedules.values() if sc.points[-1].frame + 1 == total]
+        if declared_total is None and long_schedules and (not frames or max(frames) + 1 < total):
+            sched = long_schedules[0]
+            add(
+                Problem(
+                    doc.file,
+                    *sched.at(sched.points[-1].frame_offset),
+                    f"{sched.name}: frame {shorten(str(total - 1), 30)} makes the scene {shorten(str(total), 30)} "
+                    f"frames long; at most {MAX_FRAMES} are allowed",
+                )
             )
-        )
+        else:
+            add(
+                doc.problem(
+                    at_total,
+                    f"the scene has {shorten(str(total), 30)} frames; at most {MAX_FRAMES} are allowed",
+                )
+            )
+
+    if scene._schedules and total <= MAX_FRAMES:
+        problems.extend(_check_schedules(scene, doc, declared_total, total))
 
     # 4. Noise (unless a bad one was set aside: rules about the default it fell back to would mislead).
     noise = scene.noise if not gone("noise", "kind") else Noise(kind="travel")
@@ -1210,8 +1467,12 @@ def check_against_model(
     allowed = modes_for(pipeline_class)
     written = scene.keyframes and scene.keyframe_frames[0] == 0 and scene.keyframes[0].mode is not None
     uses = [] if written else [(("mode",), scene.mode)]
+    # A keyframe's place in the file: schedules may have added keyframes before it.
+    written_at = scene._written_index or range(len(scene.keyframes))
     uses += [
-        (("keyframes", i, "mode"), kf.mode) for i, kf in enumerate(scene.keyframes) if kf.mode is not None
+        (("keyframes", i, "mode"), kf.mode)
+        for i, kf in zip(written_at, scene.keyframes, strict=True)
+        if kf.mode is not None
     ]
     for at, mode in uses:
         if mode not in allowed:

@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from pipeline.curves import CURVES
-from pipeline.scene import Scene, embedded_models
+from pipeline.scene import SCHEDULABLE, Scene, embedded_models
 from pipeline.schedulers import SCHEDULERS
 
 SCHEMA_FILE = "scene.schema.json"
@@ -31,9 +31,11 @@ MODELINE = f"# yaml-language-server: $schema={SCHEMA_FILE}"
 
 _SECONDS_PATTERN = r"^\s*\d+(\.\d+)?s\s*$"
 _BEZIER_PATTERN = r"^\s*cubic_bezier\s*\(.*\)\s*$"
+_SCHEDULE_PATTERN = r"^\s*\d+\s*:"
 
 _MOTION = "Feedback motion per frame"
 _KEYFRAMABLE = " Keyframable: keyframes set it and it is eased between them."
+_SCHEDULE = " Or a Deforum schedule string, '0:(7.5), 30:(9 + sin(t))' (linear between points)."
 
 # What each key means, by model (the README's "Scene format" table, in a sentence each).
 DESCRIPTIONS: dict[str, dict[str, str]] = {
@@ -45,12 +47,16 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "dtype": "auto: float16 on CUDA, float32 elsewhere.",
         "size": "[width, height] in pixels, multiples of 8.",
         "steps": "Denoising steps per frame.",
-        "guidance": "Classifier-free guidance scale at frame 0." + _KEYFRAMABLE,
+        "guidance": "Classifier-free guidance scale at frame 0." + _KEYFRAMABLE + _SCHEDULE,
         "fps": "Frames per second of the outputs, and of keyframes written in seconds (2.5s).",
         "frames": "Total frames; default: the last keyframe + 1. Give frames or duration, not both.",
         "duration": "Total length in seconds (10s or 10), rounded to whole frames at fps.",
         "seed": "The noise seed.",
         "negative_prompt": "What the image should not show, at frame 0." + _KEYFRAMABLE,
+        "prompt_prefix": "Text put before every prompt, joined with one space (none before punctuation); "
+        "a keyframe may change it.",
+        "prompt_suffix": "Text put after every prompt, joined with one space (none before punctuation, "
+        "as in ', film grain'); a keyframe may change it.",
         "interpolation": "How prompt embeddings blend between keyframes: slerp or lerp.",
         "curve": "The default easing into each keyframe (easings.net names, step/hold, or cubic_bezier(x1, y1, x2, y2)).",
         "noise": "Where each frame's initial noise comes from: fixed, per_frame, travel, or "
@@ -62,11 +68,12 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "mask": "Inpaint mask, relative to the scene file: white repaints, black keeps.",
         "depth_map": "depth2img: a depth map instead of the model's estimate, relative to the scene file.",
         "strength": "How much img2img, inpaint, depth2img and feedback change the image (0 keeps it, 1 ignores it)."
-        + _KEYFRAMABLE,
-        "zoom": f"{_MOTION}: above 1 zooms in." + _KEYFRAMABLE,
-        "angle": f"{_MOTION}: degrees, counter-clockwise." + _KEYFRAMABLE,
-        "translate_x": f"{_MOTION}: pixels to the right." + _KEYFRAMABLE,
-        "translate_y": f"{_MOTION}: pixels down." + _KEYFRAMABLE,
+        + _KEYFRAMABLE
+        + _SCHEDULE,
+        "zoom": f"{_MOTION}: above 1 zooms in." + _KEYFRAMABLE + _SCHEDULE,
+        "angle": f"{_MOTION}: degrees, counter-clockwise." + _KEYFRAMABLE + _SCHEDULE,
+        "translate_x": f"{_MOTION}: pixels to the right." + _KEYFRAMABLE + _SCHEDULE,
+        "translate_y": f"{_MOTION}: pixels down." + _KEYFRAMABLE + _SCHEDULE,
         "embeddings": "Textual inversion files: {path, token}.",
         "loras": "LoRA files: {path, name, scale}; keyframes set scales with lora: {name: scale}.",
         "keyframes": "Values set at given frames; each value is eased between the keyframes that set it.",
@@ -79,6 +86,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "frame": "The frame: a whole number from 0, or seconds at the scene's fps like 2.5s.",
         "prompt": "The prompt, or a weighted blend [{text: ..., weight: ...}].",
         "negative_prompt": "The negative prompt from here on (blended like the prompt).",
+        "prompt_prefix": "The prompt prefix from this keyframe on (restates the prompt in force).",
+        "prompt_suffix": "The prompt suffix from this keyframe on (restates the prompt in force).",
         "seed": "With noise: travel, the seed this keyframe's noise comes from.",
         "curve": "The easing into this keyframe (default: the scene's curve).",
         "hold": "Keep this keyframe's values until the next keyframe, which takes over at its frame.",
@@ -196,6 +205,17 @@ def scene_schema() -> dict[str, Any]:
         props["outputs"],
         {"type": "array", "items": {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/Output"}]}},
     )
+    # A value with a schedule: a Deforum schedule string, made into keyframes when the scene loads.
+    for name in SCHEDULABLE:
+        number = {k: props[name].pop(k) for k in list(props[name]) if k not in ("description", "default")}
+        props[name]["anyOf"] = [
+            number,
+            {
+                "type": "string",
+                "pattern": _SCHEDULE_PATTERN,
+                "description": "a Deforum schedule: 0:(7.5), 30:(9)",
+            },
+        ]
     props["size"].update(minItems=2, maxItems=2)
     defs["Grid"]["properties"]["prompts"].update(minItems=4, maxItems=4)
     defs["Noise"]["properties"]["seeds"]["anyOf"][0].update(minItems=2, maxItems=2)

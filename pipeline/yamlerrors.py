@@ -7,8 +7,9 @@ usual mistakes and says them plainly::
     size: [64, 64
     steps: 8         # s.yaml:1:7: YAML syntax error: the '[' opened here is not closed before line 2; ...
 
-Also here: how a Deforum schedule ('0: (7.5), 30: (9)') is recognised and what to write instead,
-used both for syntax errors and for values of the wrong type (``pipeline.scene``).
+Also here: how a Deforum schedule ('0: (7.5), 30: (9)') is recognised where it cannot go (inside a
+keyframe, unquoted with ': ' in it, under Deforum's own name) and what to write instead, used both
+for syntax errors and for values of the wrong type (``pipeline.scene``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,54 @@ from pipeline.yamlio import Problem, shorten
 DEFORUM_SCHEDULE = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*:\s*\(")
 
 
-def deforum_hint(name: str = "guidance") -> str:
-    """What to write instead of a Deforum schedule for the value ``name``."""
+# The values that take a schedule string at the top level (``pipeline.scene.SCHEDULABLE``).
+SCHEDULE_VALUES: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
+# Deforum's and Parseq's names of those values.
+DEFORUM_NAMES: dict[str, str] = {
+    "strength_schedule": "strength",
+    "cfg_scale_schedule": "guidance",
+    "scale": "guidance",
+    "translation_x": "translate_x",
+    "translation_y": "translate_y",
+}
+
+
+def deforum_hint(name: str = "guidance", *, where: str = "keyframe") -> str:
+    """What to write instead of a Deforum schedule for the value ``name`` that cannot be one there.
+
+    ``where``: ``keyframe`` (a schedule inside a keyframe), ``top`` (a top-level value that takes
+    no schedule), ``unquoted`` (a schedule whose ': ' YAML reads as a key).
+    """
+    example = f'{name}: "0: (7.5), 30: (9)"' if name in SCHEDULE_VALUES else 'guidance: "0: (7.5), 30: (9)"'
+    if where == "unquoted":
+        return f"this looks like a Deforum schedule; YAML reads ': ' in it as a new key: put it in quotes: {example}"
+    if where == "top":
+        return (
+            f"this looks like a Deforum schedule; '{name}' takes none (schedules are for "
+            f"{', '.join(SCHEDULE_VALUES)})"
+        )
     return (
-        "this looks like a Deforum schedule ('0: (7.5), 30: (9)'); here each keyframe sets one value: "
-        f"keyframes: [{{frame: 0, {name}: <value at 0>}}, {{frame: 30, {name}: <value at 30>}}]"
+        f"this looks like a Deforum schedule; a schedule is written at the top level, in quotes "
+        f"({example}), and a keyframe sets one number"
     )
+
+
+def deforum_name_hint(key: str) -> str | None:
+    """Deforum's name of a value (``strength_schedule``, ``translation_x``): what it is called here."""
+    ours = DEFORUM_NAMES.get(key) or (key.removesuffix("_schedule") if key.endswith("_schedule") else None)
+    if ours not in SCHEDULE_VALUES:
+        return (
+            "this looks like a Deforum schedule; schedules are given for " + ", ".join(SCHEDULE_VALUES)
+            if ours
+            else None
+        )
+    note = (
+        " (Deforum's strength is 1 minus this one, which is how much a frame changes; "
+        "render.py import converts a settings file)"
+        if ours == "strength"
+        else ""
+    )
+    return f"Deforum's '{key}' is '{ours}' here: {ours}: \"0: (0.65), 24: (0.5)\"{note}"
 
 
 def syntax_problem(exc: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
@@ -105,7 +148,11 @@ def syntax_problem(exc: yaml.MarkedYAMLError, text: str, file: str) -> Problem:
             value = here[first_colon + 2 :].strip()
             if DEFORUM_SCHEDULE.match(value):
                 name = here[indent:first_colon].strip().removeprefix("- ").strip()
-                return at(line, first_colon + 3, deforum_hint(name if name.isidentifier() else "guidance"))
+                return at(
+                    line,
+                    first_colon + 3,
+                    deforum_hint(name if name.isidentifier() else "guidance", where="unquoted"),
+                )
             return at(
                 line,
                 first_colon + 3,

@@ -281,6 +281,35 @@ def schema_command() -> None:
     typer.echo(schema_text(), nl=False)
 
 
+@app.command("import")
+def import_command(
+    source: Path = typer.Argument(
+        ..., help="A Parseq JSON export or a Deforum settings file (JSON).", show_default=False
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="The scene to write (default: beside FILE, as NAME.yaml)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the scene file if it exists."),
+) -> None:
+    """Turn a Parseq export or a Deforum settings file into a scene YAML, and say what it could not carry over."""
+    from pipeline.importer import ImportFailed, convert
+    from pipeline.yamlio import SceneError
+
+    target = out or source.with_suffix(".yaml")
+    try:
+        text, notes = convert(source, str(source))
+    except ImportFailed as exc:
+        _fail([str(exc.problem)])
+    except SceneError as exc:
+        _fail([str(p) for p in exc.problems])
+    if target.exists() and not overwrite:
+        _fail([f"{target}: already exists; pass --overwrite to replace it, or --out to write elsewhere"])
+    target.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {target}")
+    for note in notes:
+        typer.echo(f"not carried over: {note}", err=True)
+
+
 def _command(ctx: typer.Context) -> str:
     """The command line of this run, to resume it (each argument quoted for the shell)."""
     root = ctx.find_root()
@@ -368,7 +397,7 @@ def main(argv: list[str] | None = None, *, progress: Any = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     prog = _prog_name()
     command = shlex.join([*prog.split(" "), *args])
-    if args and args[0] not in ("render", "cache", "schema", "--help", "-h", "--version"):
+    if args and args[0] not in ("render", "cache", "schema", "import", "--help", "-h", "--version"):
         args.insert(0, "render")
     app(args=args, prog_name=prog, obj={"progress": progress, "command": command})
 

@@ -116,6 +116,8 @@ def test_formulas_know_numbers_t_and_the_listed_functions_only() -> None:
         ("0:('a')", 3, "'a' is not a number"),
         ("0:(1 +)", 6, "not a formula"),
         ("0:(" + "-" * 40 + "1)", 36, "nested too deeply"),
+        ("0:(" + "-" * 990 + "1)", 36, "nested too deeply"),
+        ("0:(" + "(" * 300 + "1" + ")" * 300 + ")", 202, "too many nested parentheses"),
         ("0:(" + "1+" * 600 + "1)", 3, "at most 1000"),
     ]:
         with pytest.raises(ScheduleError) as info:

@@ -98,5 +98,5 @@ def scene_plot(session: Any, path: Path) -> list[str]:
     """The plot of an open session's scene (what ``--plot`` writes)."""
     scene = session.scene
     return write_plot(
-        session.plan(), path, title=scene.path.name, keyframes=scene.keyframe_frames, fps=scene.fps
+        session.plan(), path, title=scene.path.name, keyframes=scene.written_keyframe_frames, fps=scene.fps
     )

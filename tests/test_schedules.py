@@ -255,3 +255,9 @@ def test_prefix_and_suffix_join_a_walk_and_a_grid(plan_text) -> None:
         "c, 4k",
         "d, 4k",
     ]
+
+
+def test_the_plot_marks_the_written_keyframes_not_those_a_formula_made() -> None:
+    scene = parse_scene('zoom: "0:(1 + 0.01*t)"\n' + BASE, "s.yaml")
+    assert scene.keyframe_frames == list(range(10))
+    assert scene.written_keyframe_frames == [0, 9]

@@ -547,13 +547,14 @@ SCHEDULABLE: tuple[str, ...] = SCALARS
 class _Schedule:
     """A schedule string of one value, its points, and where its characters are in the file."""
 
-    name: str
+    name: str  # the value's name in messages: 'guidance', or 'loras 1, scale'
     text: str
     points: list[Point]
     line: int
     col: int  # of the string's first character (inside the quotes), or of the value if unknown
     exact: bool  # whether the string is on one line as written, so offsets are columns
     values: list[tuple[int, float]] = dataclass_field(default_factory=list)
+    lora: int | None = None  # for a LoRA's scale: its index in 'loras'
 
     def at(self, offset: int) -> tuple[int, int]:
         return (self.line, self.col + offset) if self.exact else (self.line, self.col)
@@ -567,27 +568,33 @@ def _take_schedules(doc: YamlDoc, text: str) -> tuple[dict[str, _Schedule], list
     """
     schedules: dict[str, _Schedule] = {}
     problems: list[Problem] = []
-    data = doc.data
-    lines: list[str] | None = None
-    for name in SCHEDULABLE:
-        value = data.get(name)
+    lines = text.split("\n")
+
+    def take(holder: dict[str, Any], key: str, path: tuple[Any, ...], name: str, lora: int | None) -> None:
+        value = holder.get(key)
         if not isinstance(value, str) or not looks_like_schedule(value):
-            continue
-        del data[name]
-        lines = lines if lines is not None else text.split("\n")
-        line, col = doc.where((name,))
+            return
+        del holder[key]
+        line, col = doc.where(path)
         source = lines[line - 1] if 0 < line <= len(lines) else ""
         start = col - 1
         if source[start : start + 1] in ("'", '"'):
             start += 1
         exact = source[start : start + len(value)] == value
-        sched = _Schedule(name, value, [], line, start + 1 if exact else col, exact)
+        sched = _Schedule(name, value, [], line, start + 1 if exact else col, exact, lora=lora)
         try:
             sched.points = parse_schedule(value)
         except ScheduleError as exc:
             problems.append(Problem(doc.file, *sched.at(exc.offset), f"{name}: {exc.message}"))
-            continue
+            return
         schedules[name] = sched
+
+    for name in SCHEDULABLE:
+        take(doc.data, name, (name,), name, None)
+    loras = doc.data.get("loras")
+    for i, item in enumerate(loras if isinstance(loras, list) else []):
+        if isinstance(item, dict):
+            take(item, "scale", ("loras", i, "scale"), f"loras {i + 1}, scale", i)
     return schedules, problems
 
 
@@ -595,7 +602,8 @@ def _bounds(name: str) -> tuple[float | None, float | None, bool]:
     """A scalar's lowest and highest value (and whether the lowest is excluded), from the model."""
     low = high = None
     above = False
-    for m in Scene.model_fields[name].metadata:
+    field_info = Lora.model_fields["scale"] if name not in Scene.model_fields else Scene.model_fields[name]
+    for m in field_info.metadata:
         if getattr(m, "ge", None) is not None:
             low = m.ge
         if getattr(m, "gt", None) is not None:
@@ -616,12 +624,19 @@ def _check_schedules(scene: Scene, doc: YamlDoc, declared_total: int | None, tot
         if scene.walk is not None or scene.grid is not None:
             add(sched, 0, "a schedule sets keyframes, and a walk or grid takes none; give one number")
             continue
+        if sched.lora is not None and sched.lora >= len(scene.loras):
+            continue  # that LoRA was set aside as badly typed: already reported
+        lora_name = scene.lora_name(scene.loras[sched.lora]) if sched.lora is not None else None
         for i, kf in enumerate(scene.keyframes):
-            if getattr(kf, sched.name) is not None:
+            given = (kf.lora or {}).get(lora_name) if lora_name is not None else getattr(kf, sched.name)
+            if given is not None:
+                what = f"the scale of LoRA '{lora_name}'" if lora_name is not None else sched.name
                 problems.append(
                     doc.problem(
-                        ("keyframes", i, sched.name),
-                        f"keyframe {i + 1}: {sched.name} is also given by the schedule on line {sched.line}; "
+                        ("keyframes", i, "lora", lora_name)
+                        if lora_name is not None
+                        else ("keyframes", i, sched.name),
+                        f"keyframe {i + 1}: {what} is also given by the schedule on line {sched.line}; "
                         "set it in one place",
                     )
                 )
@@ -666,17 +681,27 @@ def _schedules_to_keyframes(scene: Scene) -> None:
     def linear_into(i: int) -> bool:
         return (keyframes[i].curve or scene.curve).strip() == "linear"
 
-    updates: dict[int, dict[str, float]] = {}
+    updates: dict[int, dict[str, Any]] = {}
     for sched in scene._schedules.values():
         points = sched.values
+        lora_name = scene.lora_name(scene.loras[sched.lora]) if sched.lora is not None else None
+
+        def put(
+            frame: int, value: float, sched: _Schedule = sched, lora_name: str | None = lora_name
+        ) -> None:
+            if lora_name is None:
+                updates.setdefault(frame, {})[sched.name] = value
+            else:
+                updates.setdefault(frame, {}).setdefault("lora", {})[lora_name] = value
+
         for (fa, va), (fb, vb) in pairwise(points):
             ia, ib = at_frame.get(fa), at_frame.get(fb)
             bent = (ib is not None and not linear_into(ib)) or (ia is not None and keyframes[ia].hold)
             if bent and fb - fa > 1:
                 for n in range(fa + 1, fb):
-                    updates.setdefault(n, {})[sched.name] = va + (vb - va) * (n - fa) / (fb - fa)
+                    put(n, va + (vb - va) * (n - fa) / (fb - fa))
         for frame, value in points:
-            updates.setdefault(frame, {})[sched.name] = value
+            put(frame, value)
     merged: list[Keyframe] = []
     merged_frames: list[int] = []
     index: list[int | None] = []
@@ -685,6 +710,8 @@ def _schedules_to_keyframes(scene: Scene) -> None:
         i = at_frame.get(frame)
         values = updates.get(frame)
         if i is not None:
+            if values and "lora" in values:
+                values = {**values, "lora": {**(keyframes[i].lora or {}), **values["lora"]}}
             kf = keyframes[i] if not values else keyframes[i].model_copy(update=values)
         else:
             assert values is not None

@@ -142,7 +142,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "Lora": {
         "path": "A LoRA .safetensors file, relative to the scene file.",
         "name": "The name keyframes use in lora: {name: scale} (default: the file name without suffix).",
-        "scale": "The LoRA's scale at frame 0 (keyframable).",
+        "scale": "The LoRA's scale at frame 0 (keyframable), or a Deforum schedule string '0:(0), 24:(1)'.",
     },
 }
 
@@ -216,6 +216,12 @@ def scene_schema() -> dict[str, Any]:
                 "description": "a Deforum schedule: 0:(7.5), 30:(9)",
             },
         ]
+    scale = defs["Lora"]["properties"]["scale"]
+    number = {k: scale.pop(k) for k in list(scale) if k not in ("description", "default")}
+    scale["anyOf"] = [
+        number,
+        {"type": "string", "pattern": _SCHEDULE_PATTERN, "description": "a Deforum schedule: 0:(0), 24:(1)"},
+    ]
     props["size"].update(minItems=2, maxItems=2)
     defs["Grid"]["properties"]["prompts"].update(minItems=4, maxItems=4)
     defs["Noise"]["properties"]["seeds"]["anyOf"][0].update(minItems=2, maxItems=2)

@@ -261,3 +261,34 @@ def test_the_plot_marks_the_written_keyframes_not_those_a_formula_made() -> None
     scene = parse_scene('zoom: "0:(1 + 0.01*t)"\n' + BASE, "s.yaml")
     assert scene.keyframe_frames == list(range(10))
     assert scene.written_keyframe_frames == [0, 9]
+
+
+# The smallest file that passes as LoRA weights (as in test_planner.py).
+_LORA_HEADER = b'{"w.lora_A.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+LORA_BYTES = len(_LORA_HEADER).to_bytes(8, "little") + _LORA_HEADER + bytes(4)
+
+
+def test_a_lora_scale_schedule_plans_as_keyframe_scales(plan_text, make_env, tmp_path) -> None:
+    (tmp_path / "style.safetensors").write_bytes(LORA_BYTES)
+    base, env = tmp_path / "s.yaml", make_env(files={"style.safetensors": "lora-1"})
+    scheduled = plan_text(
+        'loras:\n  - {path: style.safetensors, scale: "0:(0), 4:(1), 6:(0.5)"}\n' + BASE, env, base_path=base
+    )
+    written = plan_text(
+        "loras:\n  - {path: style.safetensors}\n"
+        "keyframes:\n  - {frame: 0, prompt: a dog, lora: {style: 0}}\n  - {frame: 4, lora: {style: 1}}\n"
+        "  - {frame: 6, lora: {style: 0.5}}\n  - {frame: 9, prompt: a cat}\n",
+        env,
+        base_path=base,
+    )
+    assert [j.key for j in scheduled] == [j.key for j in written]
+    assert [j.recipe["scalars"]["lora"]["style"] for j in scheduled][:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(SceneError) as info:
+        parse_scene(
+            'loras:\n  - {path: style.safetensors, scale: "0:(0), 4:(1000)"}\n' + BASE,
+            "s.yaml",
+            base_path=base,
+        )
+    assert [(p.line, p.col, p.message) for p in info.value.problems] == [
+        (2, 49, "loras 1, scale: the value at frame 4 is 1000; allowed: from -100 to 100")
+    ]

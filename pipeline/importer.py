@@ -96,7 +96,10 @@ class ImportFailed(Exception):
 def convert(path: Path, shown: str | None = None) -> tuple[str, list[str]]:
     """The scene YAML for a Parseq export or Deforum settings file, and what it could not carry over."""
     shown = shown or str(path)
-    raw = read_scene_bytes(path, shown)
+    if not path.is_file():
+        what = "not found" if not path.exists() else "not a regular file"
+        raise ImportFailed(Problem(shown, 1, 1, f"{what}; expected {FORMATS}"))
+    raw = read_scene_bytes(path, shown)  # at most 64 MiB, read once
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:

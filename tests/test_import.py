@@ -134,6 +134,15 @@ def test_a_file_of_another_format_is_a_located_exit_2_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json"]
 
 
+def test_a_missing_file_or_a_folder_is_a_located_exit_2(tmp_path: Path) -> None:
+    done = run_import("missing.json", cwd=tmp_path)
+    assert (done.returncode, done.stderr.split(";")[0]) == (2, "missing.json:1:1: not found")
+    (tmp_path / "folder").mkdir()
+    done = run_import("folder", cwd=tmp_path)
+    assert (done.returncode, done.stderr.split(";")[0]) == (2, "folder:1:1: not a regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
 def test_an_existing_scene_is_not_replaced_without_overwrite(tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "deforum_settings.txt", tmp_path)
     (tmp_path / "deforum_settings.yaml").write_text("mine\n")

@@ -48,7 +48,7 @@ def deforum_hint(name: str = "guidance", *, where: str = "keyframe") -> str:
     if where == "top":
         return (
             f"this looks like a Deforum schedule; '{name}' takes none (schedules are for "
-            f"{', '.join(SCHEDULE_VALUES)})"
+            f"{', '.join(SCHEDULE_VALUES)} and a LoRA's scale)"
         )
     return (
         f"this looks like a Deforum schedule; a schedule is written at the top level, in quotes "

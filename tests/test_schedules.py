@@ -292,3 +292,14 @@ def test_a_lora_scale_schedule_plans_as_keyframe_scales(plan_text, make_env, tmp
     assert [(p.line, p.col, p.message) for p in info.value.problems] == [
         (2, 49, "loras 1, scale: the value at frame 4 is 1000; allowed: from -100 to 100")
     ]
+
+
+def test_a_schedule_where_none_is_taken_says_which_values_take_one() -> None:
+    with pytest.raises(SceneError) as info:
+        parse_scene('steps: "0:(20), 10:(30)"\n' + BASE, "s.yaml")
+    [p] = info.value.problems
+    assert (p.line, p.col) == (1, 8)
+    assert p.message.endswith(
+        "this looks like a Deforum schedule; 'steps' takes none (schedules are for guidance, strength, zoom, "
+        "angle, translate_x, translate_y and a LoRA's scale)"
+    )

@@ -275,7 +275,15 @@ class Session:
                 try:
                     # A model named on the command line is relative to the current folder, not the scene.
                     base = Path.cwd() if self.model else scene.base_dir
-                    ref = resolve_model(self.model or scene.model, base, revision=scene.revision, memo=memo)
+                    ref = resolve_model(
+                        self.model or scene.model,
+                        base,
+                        revision=scene.revision,
+                        memo=memo,
+                        config=scene.config,  # the scene's, relative to the scene, like its vae:
+                        vae=scene.vae,
+                        scene_dir=scene.base_dir,
+                    )
                     env = resolve_env(scene, device=self.device, ref=ref)
                 except ModelError as exc:
                     raise InputError([f"{scene.path}: {exc}"]) from None

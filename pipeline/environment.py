@@ -64,7 +64,14 @@ def resolve_env(
     ref: ModelRef | None = None,
 ) -> RenderEnv:
     """Read what the plan needs from disk: model fingerprint, input hashes, versions, device."""
-    ref = ref or resolve_model(model or scene.model, scene.base_dir, revision=scene.revision, memo=memo)
+    ref = ref or resolve_model(
+        model or scene.model,
+        scene.base_dir,
+        revision=scene.revision,
+        memo=memo,
+        config=scene.config,
+        vae=scene.vae,
+    )
     dev = detect_device() if device == "auto" else device
     # Input files are small: hash their content every time, so an edit that restores the mtime still counts.
     files = {rel: memo_digest(scene.resolve(rel), None) for rel in input_files(scene)}

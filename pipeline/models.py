@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoints import (
+    CHECKPOINT_SUFFIXES,
+    inspect_checkpoint,
+    is_checkpoint_spec,
+)
 from pipeline.keys import file_digest, json_digest
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
@@ -64,19 +69,37 @@ class InputChanged(OSError):
 
 
 @dataclass
+class VaeRef:
+    """A VAE that replaces the model's (``vae:``): a diffusers VAE folder, a single file, or a hub id."""
+
+    spec: str
+    kind: str  # "local" | "file" | "hub"
+    path: Path  # the folder (with config.json in it or in ``subfolder``), the file, or the hub snapshot
+    subfolder: str | None
+    fingerprint: str
+    revision: str | None = None  # hub: the commit
+
+
+@dataclass
 class ModelRef:
     """A resolved model: where its files are and what identifies them."""
 
     spec: str  # as written in the scene or on the command line
-    kind: str  # "embedded" | "local" | "hub"
-    folder: Path | None  # local files (embedded, local folder, or a hub snapshot already on disk)
+    kind: str  # "embedded" | "local" | "hub" | "file" (a single-file checkpoint)
+    # local files (embedded, local folder, or a hub snapshot already on disk); for a single-file
+    # checkpoint, the diffusers folder its component configs, tokenizers and scheduler come from
+    folder: Path | None
     index: dict[str, Any]  # model_index.json
     fingerprint: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
     # Local files only: path in the folder -> stat stamp taken BEFORE the file was hashed. If every
     # stamp is the same once the model is loaded, no file was written or replaced in between (any
     # write or rename moves ctime, which cannot be set back), so the loaded weights are the hashed ones.
+    # (Absolute paths for files outside ``folder``: a single-file checkpoint, a VAE override.)
     stamps: dict[str, str] = field(default_factory=dict)
+    checkpoint: Path | None = None  # kind "file": the checkpoint
+    from_file: frozenset[str] = frozenset()  # kind "file": the components whose weights it holds
+    vae: VaeRef | None = None  # the scene's ``vae:``, replacing the model's own
 
     @property
     def pipeline_class(self) -> str:
@@ -152,6 +175,16 @@ def check_model_spec(spec: str, base_dir: Path) -> str | None:
         kind = f"unusable: {getattr(exc, 'strerror', None) or exc}"
     if kind.startswith("unusable: "):
         return f"'{shown}' is not a usable path ({kind.removeprefix('unusable: ')})"
+    if kind == "missing" and is_checkpoint_spec(spec):
+        return f"checkpoint file '{shown}' not found (looked for {_shorten(str(local))})"
+    if kind == "file":
+        if not is_checkpoint_spec(spec):
+            return (
+                f"'{shown}' is a file but not a checkpoint; a model is a diffusers folder (with a model_index.json) "
+                f"or a single-file checkpoint ending in {' or '.join(CHECKPOINT_SUFFIXES)}"
+            )
+        found = inspect_checkpoint(local)
+        return f"'{shown}': {found}" if isinstance(found, str) else None
     close = difflib.get_close_matches(spec, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     embedded = f"embedded: {', '.join(names) or 'none'}"
@@ -199,16 +232,41 @@ def resolve_model(
     *,
     revision: str | None = None,
     memo: MutableMapping[str, Any] | None = None,
+    config: str | None = None,
+    vae: str | None = None,
+    scene_dir: Path | None = None,
 ) -> ModelRef:
     """Find a model's files and fingerprint them, without importing torch.
 
     ``base_dir`` is what a folder path is relative to: the scene's folder for the scene's ``model:``,
-    the current folder for ``--model``. Raises :class:`ModelError` with the words of
-    :func:`check_model_spec` for a spec that names no model, before any network access.
+    the current folder for ``--model``. ``config`` (the configs of a single-file checkpoint) and
+    ``vae`` (a VAE replacing the model's) are the scene's, relative to ``scene_dir`` (default
+    ``base_dir``). Raises :class:`ModelError` with the words of :func:`check_model_spec` for a spec
+    that names no model, before any network access.
     """
     problem = check_model_spec(spec, base_dir)
     if problem:
         raise ModelError(f"model {problem}")
+    options_dir = scene_dir or base_dir
+    local = (base_dir / Path(spec).expanduser()).resolve() if spec not in embedded_models() else None
+    if local is not None and is_checkpoint_spec(spec) and _path_kind(local) == "file":
+        from pipeline.singlefile import resolve_checkpoint
+
+        ref = resolve_checkpoint(spec, local, config, options_dir, memo, keep_vae=vae is None)
+    else:
+        ref = _resolve_folder(spec, base_dir, revision, memo)
+    if vae is not None:
+        from pipeline.singlefile import resolve_vae
+
+        ref.vae = resolve_vae(vae, options_dir, ref, memo)
+        ref.fingerprint["vae"] = ref.vae.fingerprint
+    return ref
+
+
+def _resolve_folder(
+    spec: str, base_dir: Path, revision: str | None, memo: MutableMapping[str, Any] | None
+) -> ModelRef:
+    """An embedded model, a local diffusers folder or a Hugging Face id."""
     if spec in embedded_models():
         folder = EMBEDDED_DIR / spec
     else:
@@ -217,8 +275,17 @@ def resolve_model(
             return _resolve_hub(spec, revision)
     # Only the project's own folders hold its random-weight models; any other folder is the user's.
     kind = "embedded" if folder.resolve().parent == EMBEDDED_DIR else "local"
-    # model_index.json is read once: the classes it names and the hash in the fingerprint come from the
-    # same bytes, and its stamp is taken before them (see ModelRef.stamps).
+    index, stamps = _read_index(spec, folder)
+    _check_folder(spec, folder, index)
+    # By what it says, not its layout: re-indenting model_index.json changes no pixel, so no key.
+    fingerprint = {"model_index": json_digest(index)}
+    fingerprint.update(_folder_fingerprint(folder, index, memo, stamps))
+    return ModelRef(spec, kind, folder, index, fingerprint, revision, stamps)
+
+
+def _read_index(spec: str, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """model_index.json, read once: the classes it names and the hash in the fingerprint come from the
+    same bytes, and its stamp is taken before them (see ModelRef.stamps)."""
     index_path = folder / "model_index.json"
     stamps = {index_path.name: file_stamp(index_path)}
     raw = index_path.read_bytes()
@@ -228,11 +295,7 @@ def resolve_model(
         raise ModelError(
             f"model '{spec}': {index_path} is not valid JSON ({exc}); re-download the model"
         ) from None
-    _check_folder(spec, folder, index)
-    # By what it says, not its layout: re-indenting model_index.json changes no pixel, so no key.
-    fingerprint = {"model_index": json_digest(index)}
-    fingerprint.update(_folder_fingerprint(folder, index, memo, stamps))
-    return ModelRef(spec, kind, folder, index, fingerprint, revision, stamps)
+    return index, stamps
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
@@ -317,16 +380,18 @@ def check_unchanged(ref: ModelRef) -> None:
     Called once the weights are in memory (later changes cannot reach them): the frames are keyed by
     the fingerprint taken when planning, so the loaded files must be the ones hashed then.
     """
-    if ref.kind == "hub" or ref.folder is None or not ref.stamps:
+    if ref.folder is None or not ref.stamps:
         return  # a hub model is loaded by its commit, whose files the hub never changes
     folder = ref.folder
     now: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        now["model_index.json"] = file_stamp(folder / "model_index.json")
-    for files in _component_files(folder, ref.index).values():
-        for f in files:
-            with contextlib.suppress(OSError):  # gone since: reported below as changed
-                now[f.relative_to(folder).as_posix()] = file_stamp(f)
+    for key in ref.stamps:  # an absolute key (a checkpoint, a VAE file) stays itself under folder /
+        with contextlib.suppress(OSError):  # gone since: reported below as changed
+            now[key] = file_stamp(folder / key)
+    if ref.kind in ("embedded", "local"):  # a file added to a component folder counts too
+        for files in _component_files(folder, ref.index).values():
+            for f in files:
+                with contextlib.suppress(OSError):
+                    now[f.relative_to(folder).as_posix()] = file_stamp(f)
     changed = sorted(k for k in ref.stamps.keys() | now.keys() if ref.stamps.get(k) != now.get(k))
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -442,10 +507,19 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
         with warnings.catch_warnings():
             # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere we support.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = cls.from_pretrained(source, **kwargs)
+            from pipeline.singlefile import load_checkpoint, load_vae
+
+            if ref.vae is not None:
+                kwargs["vae"] = load_vae(ref, kwargs["torch_dtype"])
+            if ref.kind == "file":
+                pipe = load_checkpoint(ref, cls, kwargs)
+            else:
+                pipe = cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # damaged files surface as OSError, ValueError, SafetensorError, RuntimeError...
         check_unchanged(ref)  # a file half-copied over while loading is that, not a damaged model
-        where = ref.folder if ref.kind != "hub" else f"the Hugging Face cache entry of {ref.spec}"
+        where = {"hub": f"the Hugging Face cache entry of {ref.spec}", "file": ref.checkpoint}.get(
+            ref.kind, ref.folder
+        )
         raise ModelError(
             f"cannot load model '{ref.spec}' from {where}: {type(exc).__name__}: {str(exc)[:300]}. "
             "A weight file may be truncated or damaged: re-download the model"

@@ -252,6 +252,8 @@ class Scene(_Strict):
 
     model: str = "tiny"
     revision: str | None = None
+    config: str | None = None  # a single-file model's configs: a diffusers folder, embedded name or hub id
+    vae: str | None = None  # replaces the model's VAE: a diffusers VAE folder, a weights file or a hub id
     scheduler: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     size: Annotated[
@@ -1056,9 +1058,8 @@ def _check_rules(
                 f"unknown scheduler '{shorten(scene.scheduler, 40)}'; {hint}allowed: {', '.join(scheduler_names())}",
             )
         )
-    model_problem = _check_model(scene)
-    if model_problem:
-        add(doc.problem(("model",), model_problem))
+    for at, message in _check_model(scene):
+        add(doc.problem(at, message))
 
     # 2. Size.
     for i, (axis, value) in enumerate(zip(("width", "height"), scene.size, strict=True)):
@@ -1340,12 +1341,24 @@ def _resolve(scene: Scene, relative: str) -> Path | str:
         return f"'{shorten(relative)}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
 
 
-def _check_model(scene: Scene) -> str | None:
-    """The scene's ``model:`` names a model (the check ``--model`` gets too, in ``pipeline.models``)."""
-    from pipeline.models import check_model_spec  # torch-free; models imports nothing of scene
+def _check_model(scene: Scene) -> list[tuple[tuple[str, ...], str]]:
+    """The scene's ``model:`` names a model (the check ``--model`` gets too, in ``pipeline.models``),
+    a single-file model's configs are there and fit it (``config:``), and ``vae:`` names a VAE.
+    Torch-free and without network: a checkpoint is judged by its header or its pickle's opcodes."""
+    # torch-free; models imports nothing of scene
+    from pipeline.models import check_model_spec
+    from pipeline.singlefile import check_checkpoint_options, check_vae_spec
 
+    problems: list[tuple[tuple[str, ...], str]] = []
     problem = check_model_spec(scene.model, scene.base_dir)
-    return f"model: {problem}" if problem else None
+    if problem:
+        problems.append((("model",), f"model: {problem}"))
+    else:
+        found = check_checkpoint_options(scene.model, scene.config, scene.base_dir, scene.base_dir)
+        problems += [((name,), message) for name, message in found]
+    if scene.vae is not None and (why := check_vae_spec(scene.vae, scene.base_dir)):
+        problems.append((("vae",), f"vae: {why}"))
+    return problems
 
 
 def _check_modes_and_files(

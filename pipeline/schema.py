@@ -41,8 +41,14 @@ _SCHEDULE = " Or a Deforum schedule string, '0:(7.5), 30:(9 + sin(t))' (linear b
 DESCRIPTIONS: dict[str, dict[str, str]] = {
     "Scene": {
         "model": "Embedded model name (tiny, tiny-inpaint, tiny-depth, tiny-sdxl, tiny-sd3), a Hugging Face id "
-        "(owner/name), or a local diffusers folder relative to the scene.",
+        "(owner/name), a local diffusers folder, or a single-file checkpoint (.safetensors or .ckpt of SD 1.x, "
+        "2.x, SDXL or SD3), relative to the scene.",
         "revision": "A Hugging Face branch, tag or commit of the model.",
+        "config": "For a single-file model: the diffusers folder (or embedded name, or Hugging Face id in the "
+        "local cache) whose component configs, tokenizers and scheduler it loads with; default: the "
+        "standard model of its family from the Hugging Face cache.",
+        "vae": "A VAE replacing the model's: a diffusers VAE folder, a weights file (.safetensors/.ckpt), or "
+        "a Hugging Face id. In the frame keys, not in the embedding keys.",
         "scheduler": "The sampler, built from the model's own scheduler config; default: the model's own.",
         "dtype": "auto: float16 on CUDA, float32 elsewhere.",
         "size": "[width, height] in pixels, multiples of 8.",

@@ -101,3 +101,23 @@ def test_training_checkpoints_resumes_and_saves_a_loadable_pipeline(
         output_type="np",
     ).images
     assert image.shape == (1, 16, 16, 3)
+
+
+DEMO = REPO / "pipeline" / "embedded" / "demo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO.is_dir(), reason="the trained demo model is not embedded yet (issue 16)")
+def test_embedded_demo_model_draws_its_prompts() -> None:
+    """Issue 16's semantic score: 2 seeds per class, the render's nearest atlas image is its own class's
+    in at least 60% of cases (chance 1/64); the dog/cat morph's ends are nearer the dog and the cat."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(DEMO, torch_dtype=torch.float32, local_files_only=True)
+    atlas, entries = demo.load_atlas()
+    result, _ = demo.evaluate(pipe, atlas, entries, 32, kinds=("scene",))
+    assert result["scene"] >= 0.6, result
+    assert result["morph"], result

@@ -80,13 +80,15 @@ def test_the_test_converter_round_trips_through_diffusers_conversion(name: str) 
 # 2. Single files render the pixels of their folder; their content is in the keys.
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize(
+    ("name", "suffix"), [("tiny", ".safetensors"), ("tiny", ".ckpt"), ("tiny-sdxl", ".safetensors")]
+)
 def test_a_single_file_renders_the_pixels_of_the_folder_it_came_from(
-    files: Path, tmp_path: Path, suffix: str
+    files: Path, tmp_path: Path, name: str, suffix: str
 ) -> None:
-    shutil.copy(files / f"tiny{suffix}", tmp_path / f"tiny{suffix}")
-    folder = _open(_scene(tmp_path, "folder"), tmp_path)
-    single = _open(_scene(tmp_path, "single", model=f"tiny{suffix}", config="tiny"), tmp_path)
+    shutil.copy(files / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    folder = _open(_scene(tmp_path, "folder", model=name), tmp_path)
+    single = _open(_scene(tmp_path, "single", model=f"{name}{suffix}", config=name), tmp_path)
     assert single.problems == []
     assert single.env.model_kind == "file"
     # Another model, so other keys: the file's hash is in every component it holds weights for.
@@ -96,7 +98,7 @@ def test_a_single_file_renders_the_pixels_of_the_folder_it_came_from(
     report = single.render()
     assert (report.rendered, report.cached) == (3, 0)
     assert _pixels(single) == _pixels(folder)
-    again = _open(_scene(tmp_path, "single", model=f"tiny{suffix}", config="tiny"), tmp_path).render()
+    again = _open(_scene(tmp_path, "single", model=f"{name}{suffix}", config=name), tmp_path).render()
     assert (again.rendered, again.cached) == (0, 3)
 
 
@@ -415,3 +417,25 @@ def test_other_vae_forms_render_like_the_vae_folder(
     from_folder.render()
     other.render()
     assert _pixels(other) == _pixels(from_folder)
+
+
+def test_model_option_names_a_checkpoint_relative_to_the_current_folder(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "models").mkdir()
+    shutil.copy(files / "tiny.safetensors", tmp_path / "models" / "tiny.safetensors")
+    shutil.copy(files / "tiny.safetensors", tmp_path / "scenes" / "mine.safetensors")
+    # config: is the scene's, relative to the scene, whichever checkpoint is used
+    scene = _scene(tmp_path / "scenes", model="mine.safetensors", config="tiny")
+    monkeypatch.chdir(tmp_path)
+    session = pipeline.open(
+        scene, model="models/tiny.safetensors", cache_dir=tmp_path / "cache", device="cpu"
+    )
+    assert session.problems == []
+    assert session.env.model_kind == "file" and session.env.model == "models/tiny.safetensors"
+    bad = pipeline.open(scene, model="models/gone.safetensors", cache_dir=tmp_path / "cache", device="cpu")
+    assert len(bad.problems) == 1
+    assert str(bad.problems[0]).startswith(
+        "--model: checkpoint file 'models/gone.safetensors' not found (looked for"
+    )

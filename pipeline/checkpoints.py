@@ -62,6 +62,7 @@ DEFAULT_CONFIGS = {
     "sd35_large": "stabilityai/stable-diffusion-3.5-large",
 }
 _CKPT_LIMIT = 256 * 2**20  # a state dict's pickle is a few MB; anything far larger is not one
+_PICKLES_LIMIT = 64 * 2**20  # the legacy format's pickles, read from the start of the file
 
 
 @dataclass(frozen=True)
@@ -160,25 +161,29 @@ def checkpoint_tensors(path: Path) -> dict[str, list[int]] | str:
                 except zipfile.BadZipFile as exc:
                     return f"not a PyTorch checkpoint (a damaged zip archive: {exc})"
                 return pickle_names(data)
-            if head[:1] == b"\x80":  # the legacy torch.save format: several pickles, then raw storages
-                return pickle_names(f.read(_CKPT_LIMIT), legacy=True)
+            if head[:1] == b"\x80":  # the legacy torch.save format: its pickles first, then raw storages
+                return pickle_names(f.read(_PICKLES_LIMIT), legacy=True)
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     return "not a checkpoint: a .ckpt is a PyTorch file (a zip archive or a pickle) and this is neither"
 
 
-# What torch.load(weights_only=True) itself allows in a state dict: tensors, storages, plain containers.
+# What torch.load(weights_only=True) itself allows (torch._weights_only_unpickler._get_allowed_globals):
+# tensors, storages, dtypes and plain containers; nothing else is needed to hold a state dict.
 _SAFE_MODULE_NAMES = {
     ("collections", "OrderedDict"),
+    ("collections", "Counter"),
     ("torch", "Size"),
+    ("torch", "Tensor"),
     ("torch", "device"),
     ("torch.nn.parameter", "Parameter"),
     ("torch.storage", "UntypedStorage"),
     ("torch.storage", "TypedStorage"),
     ("torch.serialization", "_get_layout"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
     ("_codecs", "encode"),
 }
-_SAFE_BUILTINS = {"set", "frozenset", "bytearray", "int", "float", "complex", "bytes", "str", "tuple", "list", "dict", "slice", "range", "bool"}  # fmt: skip
+_SAFE_BUILTINS = {"set", "bytearray", "complex"}
 
 
 def _safe_global(module: str, name: str) -> bool:

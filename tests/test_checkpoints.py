@@ -439,3 +439,22 @@ def test_model_option_names_a_checkpoint_relative_to_the_current_folder(
     assert str(bad.problems[0]).startswith(
         "--model: checkpoint file 'models/gone.safetensors' not found (looked for"
     )
+
+
+def test_planning_a_single_file_model_with_a_vae_imports_no_torch(files: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _other_vae(tmp_path)
+    shutil.copy(files / "tiny.ckpt", tmp_path / "tiny.ckpt")
+    scene = _scene(tmp_path, model="tiny.ckpt", config="tiny", vae="my_vae")
+    code = (
+        "import sys, pipeline; "
+        f"s = pipeline.open({str(scene)!r}, cache_dir={str(tmp_path / 'cache')!r}, device='cpu'); "
+        "assert s.problems == [], s.problems; assert len(s.plan()) == 3; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr

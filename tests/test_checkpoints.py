@@ -458,3 +458,17 @@ def test_planning_a_single_file_model_with_a_vae_imports_no_torch(files: Path, t
         [sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_checkpoint_or_vae_file_changed_after_planning_stops_the_run(files: Path, tmp_path: Path) -> None:
+    from pipeline.models import InputChanged, check_unchanged
+
+    shutil.copy(files / "tiny.safetensors", tmp_path / "m.safetensors")
+    vae = _other_vae(tmp_path)
+    ref = resolve_model("m.safetensors", tmp_path, config="tiny", vae="my_vae")
+    check_unchanged(ref)  # nothing changed yet
+    for path in (tmp_path / "m.safetensors", vae / "diffusion_pytorch_model.safetensors"):
+        ref = resolve_model("m.safetensors", tmp_path, config="tiny", vae="my_vae")
+        path.write_bytes(path.read_bytes())  # the same bytes, written again: ctime moves
+        with pytest.raises(InputChanged, match=r"changed during the run"):
+            check_unchanged(ref)

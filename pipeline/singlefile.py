@@ -191,6 +191,7 @@ def resolve_checkpoint(
     if problem:
         raise ModelError(f"model '{_shorten(spec)}': the configs in {folder} do not fit it: {problem}")
     index, stamps = _read_index(spec, folder)
+    index = _without_unloaded(index, folder, layout)
     digest, stamps[str(file)] = _digest_and_stamp(file, memo)
     fingerprint = {"model_index": json_digest(index)}
     for name, files in _component_files(folder, index).items():
@@ -215,6 +216,24 @@ def resolve_checkpoint(
     return ModelRef(
         spec, "file", folder, index, fingerprint, None, stamps, checkpoint=file, from_file=layout.components
     )
+
+
+def _without_unloaded(index: dict[str, Any], folder: Path, layout: Layout) -> dict[str, Any]:
+    """The config folder's model_index.json without the components a single file is loaded without:
+    the safety checker (never loaded: an animation's frames are judged by the artist) and SD3's T5 when
+    neither the file nor the folder has its weights (SD3 renders without it, and ``t5: true`` is then
+    refused as for any SD3 model without T5). A configs-only folder, such as the Hugging Face cache
+    entry of the family's standard model, lists them all."""
+    out = dict(index)
+    if "safety_checker" in out:
+        out["safety_checker"] = [None, None]
+    t5 = folder / "text_encoder_3"
+    if "text_encoder_3" in out and "text_encoder_3" not in layout.components:
+        has_weights = t5.is_dir() and any(f.suffix in WEIGHT_SUFFIXES for f in t5.rglob("*"))
+        if not has_weights:
+            out["text_encoder_3"] = [None, None]
+            out["tokenizer_3"] = [None, None]
+    return out
 
 
 VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")

@@ -57,6 +57,11 @@ def _open(path: Path, tmp_path: Path) -> pipeline.Session:
     return pipeline.open(path, cache_dir=tmp_path / "cache", device="cpu")
 
 
+def _rendered(session: pipeline.Session) -> pipeline.Session:
+    session.render()
+    return session
+
+
 def _pixels(session: pipeline.Session) -> list[bytes]:
     return [im.tobytes() for im in session.frames()]
 
@@ -237,9 +242,14 @@ def test_configs_in_the_hugging_face_cache_are_used_offline(
     # The cache layout huggingface_hub writes: refs/main names the snapshot of the configs.
     repo = tmp_path / "hf" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
     commit = "1" * 40
-    shutil.copytree(
-        EMBEDDED_DIR / "tiny", repo / "snapshots" / commit, ignore=shutil.ignore_patterns("*.safetensors")
-    )
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(EMBEDDED_DIR / "tiny", snapshot, ignore=shutil.ignore_patterns("*.safetensors"))
+    # Like the real entry: a safety checker listed, its config there (never loaded for a single file).
+    index = json.loads((snapshot / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (snapshot / "model_index.json").write_text(json.dumps(index))
+    (snapshot / "safety_checker").mkdir()
+    (snapshot / "safety_checker" / "config.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -247,9 +257,10 @@ def test_configs_in_the_hugging_face_cache_are_used_offline(
     shutil.copy(files / "tiny.safetensors", tmp_path / "tiny.safetensors")
     session = _open(_scene(tmp_path, model="tiny.safetensors"), tmp_path)
     assert session.problems == []
-    assert session._resolve()[0].folder == repo / "snapshots" / commit
     with_config = _open(_scene(tmp_path, "b", model="tiny.safetensors", config="tiny"), tmp_path)
     assert [j.key for j in session.plan()] == [j.key for j in with_config.plan()]  # the same configs
+    session.render()  # weights from the file only: the cache entry has none
+    assert _pixels(session) == _pixels(_rendered(_open(_scene(tmp_path, "folder", model="tiny"), tmp_path)))
 
 
 # 4. A .ckpt is a pickle: nothing in it runs.

@@ -59,6 +59,7 @@ DEFAULT_CONFIGS = {
     "xl_base": "stabilityai/stable-diffusion-xl-base-1.0",
     "xl_inpaint": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35_medium": "stabilityai/stable-diffusion-3.5-medium",
     "sd35_large": "stabilityai/stable-diffusion-3.5-large",
 }
 _CKPT_LIMIT = 256 * 2**20  # a state dict's pickle is a few MB; anything far larger is not one
@@ -112,7 +113,13 @@ def layout_of(shapes: dict[str, list[int]]) -> Layout | str:
         )
     if has(unet + "joint_blocks."):
         family = "sd3"
-        kind = "sd35_large" if has(unet + "joint_blocks.37.") else "sd3"
+        pos_embed = shapes.get(unet + "pos_embed") or []
+        if has(unet + "joint_blocks.37."):
+            kind = "sd35_large"
+        elif len(pos_embed) > 1 and pos_embed[1] == 147456:  # 384x384 positions (diffusers' test too)
+            kind = "sd35_medium"
+        else:
+            kind = "sd3"
     elif has("conditioner.embedders."):
         family, kind = "sdxl", "xl_base"
     elif has(unet + "input_blocks."):

@@ -155,6 +155,11 @@ def test_layouts_are_recognised_from_the_header_alone(files: Path, tmp_path: Pat
             "cond_stage_model.model.token_embedding.weight": t(),
         },
         "v1-inpainting": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 9, 3, 3)},
+        "sd35_medium": {
+            "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": t(),
+            "model.diffusion_model.pos_embed": torch.zeros(1, 147456, 1),
+        },
+        "sd35_large": {"model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight": t()},
     }
     for kind, state in cases.items():
         save_file(state, str(tmp_path / f"{kind}.safetensors"))

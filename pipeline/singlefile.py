@@ -84,11 +84,12 @@ def config_folder(config: str | None, layout: Layout, base_dir: Path, *, downloa
         if found is not None and (found / "model_index.json").is_file():
             return found
         if not download and not _hub_offline():
-            return found or "later"  # online: downloaded when the model is resolved
+            return "later"  # online: downloaded when the model is resolved
+        tried = "" if _hub_offline() else " and could not be downloaded"
         return (
             f"a single file holds weights only, and the configs of this {FAMILY_NAMES[layout.family]} checkpoint "
-            f"('{repo}', as diffusers uses) are not in the Hugging Face cache; set 'config:' to a diffusers "
-            "folder of the same model family (or run once with network access to cache them)"
+            f"('{repo}', as diffusers uses) are not in the Hugging Face cache{tried}; set 'config:' to a "
+            "diffusers folder of the same model family (or run once with network access to cache them)"
         )
     if config in embedded_models():
         return EMBEDDED_DIR / config

@@ -420,5 +420,6 @@ def load_vae(ref: ModelRef, torch_dtype: Any) -> Any:
     if vae.kind == "hub":
         # The cache the snapshot was found in (HF_HUB_CACHE as it is now, like _hub_snapshot).
         extra["cache_dir"] = os.environ.get("HF_HUB_CACHE") or None
+        extra["local_files_only"] = _hub_offline()
         return cls.from_pretrained(vae.spec, revision=vae.revision, torch_dtype=torch_dtype, **extra)
     return cls.from_pretrained(vae.path, torch_dtype=torch_dtype, **extra)

@@ -10,6 +10,7 @@ import sys
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -530,3 +531,34 @@ def test_atomic_output_temporary_name_is_the_one_the_bound_counts(tmp_path: Path
         assert tmp.name.startswith(f".clip.gif.partial-{pid}-")
         assert tmp.name.endswith(".gif")
         assert len(tmp.name) == len(".clip.gif.partial-") + len(pid) + len("-") + 8 + len(".gif")
+
+
+def test_a_frame_that_cannot_be_read_while_writing_a_gif_fails_at_once(tmp_path: Path) -> None:
+    # The palette is fitted by an ffmpeg child fed frame by frame: a frame that raises (a damaged
+    # cache entry: FrameMissing) must stop ffmpeg, not leave it and its reader waiting for ever.
+    import threading
+
+    class Breaks(Sequence):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: Any) -> Any:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(4))]
+            if i == 2:
+                raise KeyError("frame 2 is unreadable")
+            return Image.new("RGB", (16, 16), (i * 60, 0, 0))
+
+    outcome: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            write_gif(tmp_path / "x.gif", Breaks(), fps=10)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=write, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "write_gif hung on a frame that raised"
+    assert outcome and isinstance(outcome[0], KeyError)

@@ -36,9 +36,9 @@ from pipeline.record import record_names, write_record
 from pipeline.scene import Output, Scene, output_kind
 from pipeline.yamlio import SceneError
 
-# 2: MP4s carry a comment and frames folders their parameters as PNG text chunks: every output is
-# written once more with them.
-ASSEMBLE_VERSION = 2
+# 2: MP4s carry a comment and frames folders their parameters as PNG text chunks; 3: GIFs have one
+# palette fitted to all frames and delta frames. Each bump writes every output once more.
+ASSEMBLE_VERSION = 3
 # Frames per pipeline call by device: small on CPU (no gain from more), larger on a GPU.
 DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
 

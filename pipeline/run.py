@@ -305,12 +305,15 @@ class Keeper:
             when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
         name = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
         base = self.out_dir / "previous"
-        folder, n = base / name, 1
-        while folder.exists():
-            n += 1
-            folder = base / f"{name}-{n}"
-        folder.mkdir(parents=True)
-        return folder
+        base.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            folder = base / (name if n == 1 else f"{name}-{n}")
+            try:
+                folder.mkdir()  # atomic: two renders into one folder never share a previous/ folder
+            except FileExistsError:
+                continue
+            return folder
+        raise FileExistsError(f"{base / name}: too many folders of that name")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

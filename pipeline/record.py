@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -340,7 +341,7 @@ def record_data(
     return {
         "record": RECORD_VERSION,
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command or shlex_join(sys.argv),
+        "command": command or shlex.join(sys.argv),  # the API's caller: the script that ran
         "scene": str(scene.path),
         "resolved_scene": names["scene"],
         "frames": len(plan),
@@ -362,12 +363,6 @@ def record_data(
         "outputs": outputs,
         "overridden_model": model,
     }
-
-
-def shlex_join(argv: Sequence[str]) -> str:
-    import shlex
-
-    return shlex.join(argv)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -34,6 +34,7 @@ from pipeline.environment import RenderEnv
 from pipeline.gcpause import gc_paused
 from pipeline.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.models import T5_COMPONENTS, TEXT_COMPONENTS
+from pipeline.prompts import PARSER_VERSION, may_need_parser
 from pipeline.scene import HELD, SCALARS, PromptPart, Scene
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
@@ -276,6 +277,15 @@ class _Embeddings:
             "dtype": env.dtype,
             "libraries": {k: v for k, v in env.libraries.items() if k in EMBEDDING_LIBRARIES},
         }
+        # SD 1.x/2.x texts that may encode otherwise than diffusers' plain encode_prompt (weighting
+        # syntax, or longer than one CLIP window) name the prompt format and parser in their key; the
+        # keys of the other texts stay as they were before weighting and long prompts existed.
+        self.prompts = (
+            {"format": scene.prompt_format, "long": scene.long_prompts, "parser": PARSER_VERSION}
+            if env.family == "sd"
+            else None
+        )
+        self.learned = [e.token or "" for e in scene.embeddings]
         self.by_text: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.blends: dict[tuple[tuple[str, float], ...], list[list[Any]]] = {}
@@ -284,6 +294,8 @@ class _Embeddings:
         found = self.by_text.get(text)
         if found is None:
             recipe = {**self.common, "text": text}
+            if self.prompts and may_need_parser(text, self.prompts["format"], self.learned):
+                recipe["prompts"] = self.prompts
             found = key_of(recipe)
             self.by_text[text] = found
             self.table[found] = recipe

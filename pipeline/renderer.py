@@ -22,6 +22,7 @@ import importlib
 import inspect
 import io
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from pipeline.interpolate import Entry, conditioning, noise_for
 from pipeline.keys import key_of
 from pipeline.models import ModelError
 from pipeline.planner import FrameJob, Plan
+from pipeline.prompts import CHUNK_TOKENS, chunked, weighted_tokens
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
 
@@ -187,6 +189,8 @@ class FrameRenderer:
         self._mode_pipes: dict[str, Any] = {}
         self._images: dict[str, Image.Image] = {}
         self._shared: dict[Any, Any] = {}  # what many frames' conditioning shares (a grid's row angle)
+        self._shared_padded: dict[int, dict[Any, Any]] = {}  # the same, per chunk count of long prompts
+        self._empty: torch.Tensor | None = None  # the empty prompt's embedding: pads long prompts
         load_learned(pipe, scene, plan.files)
 
     # 1. Prompts -> embeddings, through the embedding cache.
@@ -199,13 +203,16 @@ class FrameRenderer:
             if blob is not None:
                 self.embeddings[key] = load_safetensors(blob)
                 continue
-            entry = self._encode(self.plan.text(key))
+            entry = self._encode(self.plan.text(key), self.plan.embeddings[key].get("prompts"))
             self.cache.embeddings.put(key, save_safetensors(entry))
             self.embeddings[key] = entry
             self.encoded += 1
 
     @torch.no_grad()
-    def _encode(self, text: str) -> Entry:
+    def _encode(self, text: str, prompts: Mapping[str, Any] | None = None) -> Entry:
+        """One prompt's embedding entry. ``prompts``: the key's prompt format (``pipeline.planner``
+        names it for SD 1.x/2.x texts that may be weighted or long); without it, diffusers' own
+        encoding, cut at one CLIP window as before."""
         # clip_skip applies to every prompt, negative prompts too (as AUTOMATIC1111 and ComfyUI do;
         # diffusers' pipelines skip layers for the positive prompt only): both sides of classifier-free
         # guidance then come from the same CLIP layer. Every prompt is encoded here, one at a time.
@@ -213,7 +220,9 @@ class FrameRenderer:
         pipe = self.pipe
         if clip_skip:
             self._check_clip_skip(clip_skip)
-        if self.family == "sd" and clip_skip:
+        if self.family == "sd" and prompts is not None:
+            entry = {"prompt_embeds": self._sd_weighted(text, prompts, clip_skip or 0)}
+        elif self.family == "sd" and clip_skip:
             entry = {"prompt_embeds": self._sd_skipped(text, clip_skip)}
         elif self.family == "sd":
             embeds, _ = pipe.encode_prompt(
@@ -243,6 +252,8 @@ class FrameRenderer:
                 clip_skip=clip_skip,
             )
             entry = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if prompts is None:
+            self._warn_cut(text)
         # Stored as float32 on the CPU: interpolation is done in float32 whatever the device.
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in entry.items()}
 
@@ -261,6 +272,53 @@ class FrameRenderer:
                     f"clip_skip: {clip_skip} skips more layers than the model's {name} has ({layers}); "
                     f"with this model clip_skip can be at most {layers + 1 - offset}"
                 )
+
+    def _warn_cut(self, text: str) -> None:
+        """Say what diffusers' own encoding cuts from a prompt past one CLIP window (it says nothing)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None or not text:
+            return
+        ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+        if len(ids) > CHUNK_TOKENS:
+            _warn_dropped(text, len(ids), tokenizer.decode(ids[CHUNK_TOKENS:]), self.family)
+
+    def _sd_weighted(self, text: str, prompts: Mapping[str, Any], clip_skip: int) -> torch.Tensor:
+        """SD 1.x/2.x embeddings of a weighted and/or long prompt, as AUTOMATIC1111 computes them.
+
+        Each 75-token chunk goes through the text encoder on its own (BOS, tokens, EOS, padding); its
+        output is multiplied token by token by the weights, then rescaled to the mean it had before
+        (AUTOMATIC1111's "original" emphasis); the chunks are joined along the sequence.
+        """
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        pipe = self.pipe
+        convert = None
+        if isinstance(pipe, TextualInversionLoaderMixin):
+            convert = lambda part: pipe.maybe_convert_prompt(part, pipe.tokenizer)  # noqa: E731
+        ids, weights = weighted_tokens(pipe.tokenizer, text, str(prompts["format"]), convert)
+        chunks = chunked(ids, weights, pipe.tokenizer, str(prompts["long"]))
+        if chunks.dropped:
+            _warn_dropped(text, chunks.tokens, pipe.tokenizer.decode(chunks.dropped), self.family)
+        out = []
+        for chunk_ids, chunk_weights, mask in zip(chunks.ids, chunks.weights, chunks.masks, strict=True):
+            z = self._sd_hidden(torch.tensor([chunk_ids]), torch.tensor([mask]), clip_skip).float()
+            out.append(emphasis(z, torch.tensor(chunk_weights, dtype=torch.float32, device=z.device)))
+        return torch.cat(out, dim=1)
+
+    def _sd_hidden(self, ids: torch.Tensor, mask: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """The SD 1.x/2.x text encoder's output for one window of token ids (``clip_skip`` as in
+        :meth:`_sd_skipped`); ``mask`` is used where the encoder's config asks for it, as diffusers does."""
+        encoder = self.pipe.text_encoder
+        attention = mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        if not clip_skip:
+            return encoder(ids.to(self.device), attention_mask=attention)[0]
+        out = encoder(ids.to(self.device), attention_mask=attention, output_hidden_states=True)
+        norm = (
+            encoder.text_model.final_layer_norm
+            if hasattr(encoder, "text_model")
+            else encoder.final_layer_norm
+        )
+        return norm(out.hidden_states[-(clip_skip + 1)]).to(encoder.dtype)
 
     def _sd_skipped(self, text: str, clip_skip: int) -> torch.Tensor:
         """SD 1.x/2.x embeddings from the CLIP layer ``clip_skip`` layers before the last.
@@ -424,10 +482,81 @@ class FrameRenderer:
 
     def render_batch(self, batch: Sequence[FrameJob]) -> list[bytes]:
         """Render one batch (equal settings; each feedback frame's previous frame already cached)."""
-        self.encode_prompts(
-            key for job in batch for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part))
-        )
-        return [encode_png(img) for img in self.denoise(batch, self.prepare_latents(batch))]
+        self.encode_prompts(key for job in batch for key in _frame_embedding_keys(job))
+        # Frames whose prompts have different chunk counts (long prompts) get their own calls: each
+        # frame's embeddings are padded to its own longest, never to its batch's.
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault(self._chunks(job), []).append(i)
+        if len(groups) == 1:
+            with self._padded(next(iter(groups)), batch):
+                return [encode_png(img) for img in self.denoise(batch, self.prepare_latents(batch))]
+        images: list[bytes] = [b""] * len(batch)
+        for chunks, picks in groups.items():
+            jobs = [batch[i] for i in picks]
+            with self._padded(chunks, jobs):
+                for i, image in zip(picks, self.denoise(jobs, self.prepare_latents(jobs)), strict=True):
+                    images[i] = encode_png(image)
+        return images
+
+    def _chunks(self, job: FrameJob) -> int:
+        """The most 77-token windows among a frame's prompt and negative prompt embeddings."""
+        if self.family != "sd":
+            return 1
+        window = CHUNK_TOKENS + 2
+        return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in _frame_embedding_keys(job))
+
+    @contextlib.contextmanager
+    def _padded(self, chunks: int, jobs: Sequence[FrameJob]) -> Iterator[None]:
+        """While denoising ``jobs``: their embeddings padded to ``chunks`` windows with the embedding of
+        the empty prompt, as AUTOMATIC1111 and compel pad the shorter of prompt and negative prompt, so
+        that they (and keyframes of different lengths) blend and batch."""
+        if chunks == 1:
+            yield
+            return
+        if self._empty is None:
+            self._empty = self._encode("")["prompt_embeds"]
+        full, shared = self.embeddings, self._shared
+        padded: dict[str, Entry] = {}
+        for key in {k for job in jobs for k in _frame_embedding_keys(job)}:
+            entry = dict(full[key])
+            have = entry["prompt_embeds"].shape[1] // (CHUNK_TOKENS + 2)
+            entry["prompt_embeds"] = torch.cat(
+                [entry["prompt_embeds"]] + [self._empty] * (chunks - have), dim=1
+            )
+            padded[key] = entry
+        self.embeddings = padded
+        self._shared = self._shared_padded.setdefault(chunks, {})
+        try:
+            yield
+        finally:
+            self.embeddings, self._shared = full, shared
+
+
+def emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One window's embeddings ``z`` (1, tokens, width) weighted token by token and rescaled to the mean
+    they had (AUTOMATIC1111's "original" emphasis). Where that mean is next to nothing against the
+    values (a final layer norm without bias, as in the embedded tiny models), the quotient of two
+    roundings would be noise or a division by zero: the weights then apply alone."""
+    weighted = z * weights.view(1, -1, 1)
+    before, after, size = z.mean(), weighted.mean(), z.abs().mean()
+    if min(before.abs(), after.abs()) <= 1e-6 * size:
+        return weighted
+    return weighted * (before / after)
+
+
+def _warn_dropped(text: str, tokens: int, cut: str, family: str) -> None:
+    """A prompt lost tokens: say how many and which text (diffusers' own warning is silenced)."""
+    why = "long_prompts: truncate" if family == "sd" else f"{family} prompts are cut at one CLIP window"
+    print(
+        f"warning: prompt {text[:60]!r}{'...' if len(text) > 60 else ''} is {tokens} tokens; "
+        f"{why} drops the last {tokens - CHUNK_TOKENS}: {cut!r}",
+        file=sys.stderr,
+    )
+
+
+def _frame_embedding_keys(job: FrameJob) -> list[str]:
+    return [key for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part))]
 
 
 def _embedding_keys(cond: dict[str, Any] | None) -> list[str]:

@@ -1,0 +1,170 @@
+"""Weighted and long prompts (SD 1.x/2.x): AUTOMATIC1111's attention syntax, 75-token chunks, the
+``prompt_format: plain`` and ``long_prompts: truncate`` opt-outs, what goes into the embedding keys,
+and a render with them on the embedded ``tiny`` model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cache import CacheDir
+from pipeline.environment import resolve_env
+from pipeline.models import load_pipeline, resolve_model
+from pipeline.planner import plan
+from pipeline.prompts import PARSER_VERSION, parse_weighted
+from pipeline.renderer import FrameRenderer, configure
+from pipeline.scene import load_scene
+from tests.conftest import run_render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LONG = "a dog on a hill, " + "cat " * 100  # 'a dog on a hill ,' (6 tokens) and 100 'cat': 106 tokens
+
+
+def test_parse_follows_automatic1111() -> None:
+    assert parse_weighted("a (red:1.5) [cat]") == [("a ", 1.0), ("red", 1.5), (" ", 1.0), ("cat", 1 / 1.1)]
+    assert parse_weighted("((dog))") == [("dog", 1.1 * 1.1)]
+    assert parse_weighted(r"\(dog\) [x") == [("(dog) ", 1.0), ("x", 1 / 1.1)]  # unclosed: to the end
+    assert parse_weighted("a) b:c") == [("a) b:c", 1.0)]  # stray brackets and colons are text
+    assert parse_weighted("") == [("", 1.0)]
+
+
+def _scene(folder: Path, extra: str = "", prompt: str = "a dog", frames: int = 1) -> Path:
+    path = folder / "scene.yaml"
+    path.write_text(
+        f"model: tiny\nsize: [32, 32]\nsteps: 2\nframes: {frames}\n{extra}"
+        f"keyframes:\n  - {{frame: 0, prompt: {prompt!r}}}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _renderer(path: Path, cache: CacheDir) -> tuple[FrameRenderer, object]:
+    scene = load_scene(path)
+    ref = resolve_model(scene.model, scene.base_dir)
+    jobs = plan(scene, resolve_env(scene, device="cpu", ref=ref))
+    pipe = configure(load_pipeline(ref, device="cpu", dtype="float32"), scene)
+    return FrameRenderer(pipe, scene, jobs, cache, device="cpu", dtype="float32"), jobs
+
+
+def _key_recipe(jobs: object) -> dict:
+    (recipe,) = [r for r in jobs.embeddings.values() if r["text"] != ""]  # type: ignore[attr-defined]
+    return recipe
+
+
+def _embedding(
+    tmp_path: Path, text: str, extra: str = "", *, bias: float = 0.0
+) -> tuple[torch.Tensor, FrameRenderer, dict]:
+    folder = tmp_path / str(abs(hash((text, extra))))
+    folder.mkdir()
+    with CacheDir(folder / "cache") as cache:
+        renderer, jobs = _renderer(_scene(folder, extra, text), cache)
+        if bias:
+            with torch.no_grad():
+                renderer.pipe.text_encoder.final_layer_norm.bias.fill_(bias)
+        recipe = _key_recipe(jobs)
+        return renderer._encode(text, recipe.get("prompts"))["prompt_embeds"], renderer, recipe
+
+
+def _reference(pipe: object, fragments: list[tuple[str, float]]) -> torch.Tensor:
+    """The rule computed with transformers alone: each fragment's tokens with its weight, cut in windows
+    of 75 between BOS and EOS (padded with the tokenizer's pad token), each window encoded, multiplied
+    by its weights and rescaled to its former mean, the windows joined."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder  # type: ignore[attr-defined]
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in fragments:
+        got = tokenizer(text, add_special_tokens=False).input_ids
+        ids += got
+        weights += [weight] * len(got)
+    out = []
+    for start in range(0, len(ids), 75):
+        window = ids[start : start + 75]
+        fill = 75 - len(window)
+        full = [tokenizer.bos_token_id, *window, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * fill
+        w = torch.tensor([1.0, *weights[start : start + 75], 1.0] + [1.0] * fill).view(1, -1, 1)
+        with torch.no_grad():
+            z = encoder(torch.tensor([full]))[0]
+        before, after = z.mean(), (z * w).mean()
+        small = min(abs(before), abs(after)) <= 1e-6 * z.abs().mean()
+        out.append(z * w if small else z * w * (before / after))
+    return torch.cat(out, dim=1)
+
+
+def test_long_prompt_is_chunked_and_differs_from_the_cut_one(tmp_path: Path) -> None:
+    chunked, renderer, recipe = _embedding(tmp_path, LONG)
+    assert recipe["prompts"] == {"format": "weighted", "long": "chunk", "parser": PARSER_VERSION}
+    assert chunked.shape == (1, 154, 32)  # two windows of 77
+    assert torch.allclose(chunked, _reference(renderer.pipe, [(LONG, 1.0)]), atol=1e-6, rtol=0)
+    cut, _, cut_recipe = _embedding(tmp_path, LONG, "long_prompts: truncate\n")
+    assert cut.shape == (1, 77, 32)
+    # The first window is the cut prompt (diffusers' own encoding); the second holds the rest.
+    plain, _ = renderer.pipe.encode_prompt(LONG, "cpu", 1, False)
+    assert torch.allclose(cut, plain, atol=1e-6, rtol=0)
+    assert torch.allclose(chunked[:, :77], cut, atol=1e-6, rtol=0)
+    assert (chunked[:, 77:] - renderer._encode("")["prompt_embeds"]).abs().max() > 1e-2
+    assert cut_recipe["prompts"]["long"] == "truncate"
+
+
+def test_truncate_warns_with_the_tokens_dropped_and_the_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _embedding(tmp_path, LONG, "long_prompts: truncate\n")
+    err = capsys.readouterr().err
+    assert "is 106 tokens; long_prompts: truncate drops the last 31: 'cat cat" in err
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.1])
+def test_weight_changes_the_conditioning_as_automatic1111_computes_it(tmp_path: Path, bias: float) -> None:
+    # The tiny model's final layer norm has no bias: its embeddings have a mean of ~0, too small to
+    # rescale to. With a bias (as real CLIP encoders have) the mean is rescaled to as AUTOMATIC1111 does.
+    weighted, renderer, recipe = _embedding(tmp_path, "a (dog:1.5) on [grass]", bias=bias)
+    assert recipe["prompts"]["format"] == "weighted"
+    plain, _, plain_recipe = _embedding(tmp_path, "a dog on grass", bias=bias)
+    assert "prompts" not in plain_recipe  # a short prompt without syntax: its key as before
+    assert (weighted - plain).abs().max() > 1e-2
+    expected = _reference(renderer.pipe, [("a ", 1.0), ("dog", 1.5), (" on ", 1.0), ("grass", 1 / 1.1)])
+    assert torch.allclose(weighted, expected, atol=1e-6, rtol=0)
+    # Weighted and long at once: the weights follow their tokens into the second window.
+    text = "a (dog:1.3), " + "cat " * 90 + "[fog]"
+    both, _, _ = _embedding(tmp_path, text, bias=bias)
+    parts = [("a ", 1.0), ("dog", 1.3), (", " + "cat " * 90, 1.0), ("fog", 1 / 1.1)]
+    assert torch.allclose(both, _reference(renderer.pipe, parts), atol=1e-6, rtol=0)
+
+
+def test_plain_format_passes_the_text_literally(tmp_path: Path) -> None:
+    literal, renderer, recipe = _embedding(tmp_path, "a (dog:1.5)", "prompt_format: plain\n")
+    assert "prompts" not in recipe  # short: diffusers' own encoding, keyed as before
+    expected, _ = renderer.pipe.encode_prompt("a (dog:1.5)", "cpu", 1, False)
+    assert torch.equal(literal, expected)
+    weighted, _, _ = _embedding(tmp_path, "a (dog:1.5)")
+    assert (literal - weighted).abs().max() > 1e-2
+
+
+def test_render_with_weighted_and_long_prompts(tmp_path: Path) -> None:
+    # Frame 0 a long prompt (two windows), frame 1 a weighted one (one window), both against a short
+    # negative prompt: frames of different lengths render in calls of their own, each padded to its own.
+    path = tmp_path / "scene.yaml"
+    path.write_text(
+        "model: tiny\nsize: [32, 32]\nsteps: 2\nframes: 2\nnoise: fixed\nnegative_prompt: blurry\n"
+        f"curve: step\nkeyframes:\n  - {{frame: 0, prompt: {LONG!r}}}\n"
+        "  - {frame: 1, prompt: 'a (dog:1.5)'}\n",
+        encoding="utf-8",
+    )
+    report = run_render(path, tmp_path / "cache", "--batch-size", "2")
+    assert report["rendered"] == 2
+    # The long frame rendered alone gives the same pixels as in its mixed batch.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    text = path.read_text(encoding="utf-8").replace("frames: 2", "frames: 1")
+    (alone / "scene.yaml").write_text(text.split("  - {frame: 1")[0], encoding="utf-8")
+    assert run_render(alone / "scene.yaml", alone / "cache")["rendered"] == 1
+    keys = []
+    for scene_path in (path, alone / "scene.yaml"):
+        scene = load_scene(scene_path)
+        keys.append(plan(scene, resolve_env(scene, device="cpu"))[0].key)
+    assert keys[0] == keys[1]
+    with CacheDir(tmp_path / "cache") as mixed, CacheDir(alone / "cache") as single:
+        assert mixed.frames.get(keys[0]) == single.frames.get(keys[1]) is not None

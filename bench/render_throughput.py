@@ -120,7 +120,8 @@ def main() -> None:
     c.threads()
     from pipeline.interpolate import slerp
     from pipeline.models import load_pipeline, resolve_model
-    from pipeline.renderer import configure, encode_png
+    from pipeline.renderer import configure
+    from pipeline.run import encode_png
     from pipeline.scene import load_scene
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")

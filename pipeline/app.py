@@ -20,7 +20,9 @@ scene into keyed jobs (``pipeline.planner``) -> ``render`` renders the jobs not 
 
 Every input is checked before any model loads, and nothing is written until every input has passed.
 A renderer can be injected (``session.render(renderer=...)``): an object with ``render_batch(jobs) ->
-list[PNG bytes]``, or a factory called with a :class:`RenderSetup` that can also build the real one.
+list[image]`` (PIL images, HxWx3 uint8 arrays, or PNG bytes), or a factory called with a
+:class:`RenderSetup` that can also build the real one. The run encodes and stores the images in a
+writer thread while the renderer draws the next batch.
 """
 
 from __future__ import annotations
@@ -111,11 +113,16 @@ class Report:
 
 
 class BatchRenderer(Protocol):
-    """Renders frames of one plan: PNG bytes per job, in order. ``encoded`` counts embeddings encoded."""
+    """Renders frames of one plan: an image per job, in order. ``encoded`` counts embeddings encoded.
+
+    An image is a PIL image (RGB), an HxWx3 uint8 array, or PNG bytes; the run encodes the first two
+    as PNG (``pipeline.run.encode_png``) in its writer thread, overlapping the next ``render_batch``.
+    The jobs of one call share their ``FrameJob.batch_group``.
+    """
 
     encoded: int
 
-    def render_batch(self, jobs: list[FrameJob]) -> list[bytes]: ...
+    def render_batch(self, jobs: list[FrameJob]) -> list[Any]: ...
 
 
 @dataclass

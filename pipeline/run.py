@@ -487,9 +487,16 @@ class Renders:
 
     - Frames are claimed before they render, so several processes sharing a cache split the work
       (see ``pipeline.claims``); frames claimed by a live process are waited for, not rendered.
+    - Frames batch by ``FrameJob.batch_group``: keyframed guidance, prompts, negative prompts, seeds
+      and motion share a call; a LoRA scale, a mode or input image, or a strength that leaves another
+      number of denoising steps does not.
+    - The device renders batch k+1 while a writer thread (:class:`_Writer`) encodes batch k as PNG
+      and stores it; at most those two batches of images are held.
     - A feedback frame is ready once the frame before it is in the cache: chains render in waves.
     - Out of memory halves the batch size and goes on; one frame that still fails is an error.
-    - The first Ctrl-C finishes the batch in flight and stops; a second one stops at once.
+    - The first Ctrl-C stores the frames already rendered and stops when the batch on the device
+      returns (that batch is not stored: it would come on top of the frames being written); a second
+      Ctrl-C stops at once, once the frames already rendered are stored.
     """
 
     POLL_S = 0.2
@@ -506,7 +513,7 @@ class Renders:
     ):
         self.plan = plan
         self.cache = cache
-        self.renderer = renderer  # anything with render_batch(jobs) -> [PNG bytes] (pipeline.app)
+        self.renderer = renderer  # anything with render_batch(jobs) -> [image] (pipeline.app)
         self.batch_size = batch_size or DEFAULT_BATCH.get(device, 4)
         self.quiet = quiet
         self.progress = progress
@@ -514,6 +521,8 @@ class Renders:
         self.rendered: set[str] = set()
         self.done = 0  # frames counted done (cached, rendered here or elsewhere)
         self.stop_requested = False
+        # The progress callback hears from the main thread and the writer: one at a time.
+        self._told = threading.Lock()
 
     @property
     def encoded(self) -> int:
@@ -550,10 +559,23 @@ class Renders:
         )
         self.done = already
         bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
-        queue = _ReadyQueue(jobs)
+        steps, family = self.plan.base["steps"], self.plan.base["family"]
+        queue = _ReadyQueue(jobs, lambda job: job.batch_group(steps, family))
         elsewhere: dict[
             str, Any
         ] = {}  # claimed by another live process: wait for it, take it over if it dies
+        writer = _Writer(self._store)
+
+        def settle(keys: list[str]) -> None:
+            """Frames the writer stored: done, no longer claimed, and their feedback frames ready."""
+            if not keys:
+                return
+            _quietly(claims.release, keys)
+            for key in keys:
+                queue.finish(key)
+            bar.update(sum(per_key[key] for key in keys))
+            bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
+
         previous_handler = self._catch_sigint()
         try:
             while queue.remaining:
@@ -572,16 +594,18 @@ class Renders:
                     todo = [job for job in batch if job.key in mine and job.key not in finished]
                     claims.release(finished)
                     if todo:
-                        try:
-                            self._render(todo)
-                        finally:
-                            _quietly(claims.release, [job.key for job in todo])
-                        for job in todo:
-                            queue.finish(job.key)
-                        bar.update(sum(per_key[job.key] for job in todo))
-                        bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
+                        # The device renders while the writer stores the batch before.
+                        images = self._render(todo)
+                        settle(writer.wait())
+                        if self.stop_requested:
+                            raise KeyboardInterrupt
+                        writer.put(list(zip(todo, images, strict=True)))
                     if self.stop_requested:
                         raise KeyboardInterrupt
+                    continue
+                if writer.pending:
+                    # What is ready next may be a feedback frame whose previous frame is being stored.
+                    settle(writer.wait())
                     continue
                 # Nothing of ours is ready: the rest is being rendered elsewhere (or waits on it).
                 for key in self.cache.frames.present(elsewhere):
@@ -603,16 +627,19 @@ class Renders:
                 if not retake and queue.remaining:
                     time.sleep(self.POLL_S)
         finally:
+            # Frames rendered are stored whatever ended the loop (a frame is never rendered for nothing
+            # when it can be kept); a store that fails is reported by writer.wait() in the loop.
+            writer.close()
             _quietly(claims.close)  # stops the heartbeat; releases what an error left claimed
             bar.close()
             if previous_handler is not None:
                 # Once stopping, further Ctrl-Cs are ignored until the process has exited cleanly.
                 signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop_requested else previous_handler)
 
-    def _render(self, batch: list[Any]) -> None:
-        """Render one batch, halving it on out-of-memory; store every frame the moment it is done."""
+    def _render(self, batch: list[Any]) -> list[Any]:
+        """Render one batch, halving it on out-of-memory: an image (or PNG bytes) per job."""
         try:
-            pngs = self.renderer.render_batch(batch)
+            return list(self.renderer.render_batch(batch))
         except Exception as exc:
             if not _out_of_memory(exc):
                 raise
@@ -628,24 +655,25 @@ class Renders:
                 file=sys.stderr,
             )
             half = len(batch) // 2
-            self._render(batch[:half])
-            self._render(batch[half:])
-            return
-        for job, png in zip(batch, pngs, strict=True):
-            # Stored at once: a run killed after this line resumes without rendering this frame again.
-            self.cache.frames.put(job.key, png)
-            self.rendered.add(job.key)
-            if self.progress is not None:
-                # Told at once, frame by frame: an observer knows of every frame stored before a kill.
-                self._tell((job.key,))
+            return self._render(batch[:half]) + self._render(batch[half:])
+
+    def _store(self, job: Any, png: bytes) -> None:
+        """Store one frame (in the writer thread); tell the progress callback at once."""
+        self.cache.frames.put(job.key, png)
+        # Stored: a run killed after this line resumes without rendering this frame again.
+        self.rendered.add(job.key)
+        if self.progress is not None:
+            # Told at once, frame by frame: an observer knows of every frame stored before a kill.
+            self._tell((job.key,))
 
     def _tell(self, keys: tuple[str, ...]) -> None:
         """Hand the progress callback where the run stands (``keys``: frames just stored here)."""
         assert self.progress is not None
-        self.progress(Progress("frames", self.done, len(self.plan), len(self.rendered), keys))
+        with self._told:
+            self.progress(Progress("frames", self.done, len(self.plan), len(self.rendered), keys))
 
     def _catch_sigint(self) -> Any:
-        """First Ctrl-C: finish the batch in flight, then stop. Second: stop now (further ones ignored)."""
+        """First Ctrl-C: stop after the batch on the device. Second: stop now (further ones ignored)."""
         if threading.current_thread() is not threading.main_thread():
             return None
 
@@ -659,6 +687,107 @@ class Renders:
         return signal.signal(signal.SIGINT, handler)
 
 
+def encode_png(image: Any) -> bytes:
+    """PNG bytes of a frame: a PIL image or an HxWx3 uint8 array (fast compression: frames are
+    written once and read a few times). PNG bytes pass through as they are."""
+    if isinstance(image, bytes):
+        return image
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        if not hasattr(image, "__array_interface__"):
+            raise TypeError(
+                f"the renderer returned a {type(image).__name__} for a frame; "
+                "expected a PIL image, an HxWx3 uint8 array or PNG bytes"
+            )
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class _Writer:
+    """Stores rendered frames (PNG encoding, then the cache) in a thread of its own while the device
+    renders the next batch. Pillow's encoder and SQLite release the GIL, so the two overlap; the
+    frames of a batch are encoded by up to ``ENCODERS`` threads at once (one 512x512 frame takes
+    about 40 ms to encode, as long as a fast GPU takes to render it) and stored in order.
+
+    One batch at a time: the driver hands over batch k+1 only once batch k is stored (``wait``), so
+    at most two batches of images are held (one being stored, one just rendered) and a kill -9 loses
+    at most those. A frame is stored whole or not at all (``Store.put``); a store that fails stops
+    the writer, and ``wait`` raises its error in the driver.
+    """
+
+    ENCODERS = min(4, os.cpu_count() or 1)
+
+    def __init__(self, store: Callable[[Any, bytes], None]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._store = store
+        self._encoders = ThreadPoolExecutor(self.ENCODERS, thread_name_prefix="png encoder")
+        self._cond = threading.Condition()
+        self._batch: list[tuple[Any, Any]] | None = None  # handed over, not stored yet
+        self._stored: list[str] = []  # keys stored, not yet collected by wait()
+        self._closed = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="frame writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> bool:
+        """Whether ``wait`` has something to say: a batch being stored, keys stored, or an error."""
+        return self._batch is not None or bool(self._stored) or self.error is not None
+
+    def put(self, batch: list[tuple[Any, Any]]) -> None:
+        """Hand over (job, image) pairs; the batch before must have been waited for."""
+        with self._cond:
+            assert self._batch is None, "the batch before is still being stored"
+            if batch:
+                self._batch = batch
+                self._cond.notify_all()
+
+    def wait(self) -> list[str]:
+        """The keys stored since the last call, once the batch handed over is stored."""
+        with self._cond:
+            while self._batch is not None:
+                self._cond.wait()
+            keys, self._stored = self._stored, []
+        if self.error is not None:
+            raise self.error
+        return keys
+
+    def close(self) -> None:
+        """Store what was handed over, then end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._encoders.shutdown()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._batch is None and not self._closed:
+                    self._cond.wait()
+                if self._batch is None:
+                    return
+                batch = self._batch
+            pngs = [self._encoders.submit(encode_png, image) for _, image in batch]
+            for (job, _), png in zip(batch, pngs, strict=True):
+                if self.error is not None:
+                    break  # a full disk fails every frame after it: say it once
+                try:
+                    self._store(job, png.result())
+                except BaseException as exc:  # handed to the driver by wait()
+                    self.error = exc
+                else:
+                    with self._cond:
+                        self._stored.append(job.key)
+            with self._cond:
+                self._batch = None
+                self._cond.notify_all()
+
+
 class _Bar:
     """The progress bar, and the progress callback beside it: both hear of every frame done."""
 
@@ -668,7 +797,8 @@ class _Bar:
 
     def update(self, n: int) -> None:
         self.bar.update(n)
-        self.renders.done += n
+        with self.renders._told:  # counted while the writer may be telling of a frame
+            self.renders.done += n
         if self.renders.progress is not None:
             self.renders._tell(())
 
@@ -684,7 +814,8 @@ class _ReadyQueue:
     frame before it is finished. Every operation is O(1) per frame, so a 100,000-frame render spends
     no time re-scanning what is left."""
 
-    def __init__(self, jobs: list[Any]):
+    def __init__(self, jobs: list[Any], group: Callable[[Any], str]):
+        self.group = group  # a job's batch group (FrameJob.batch_group for the plan's steps and family)
         self.remaining = {job.key: job for job in jobs}
         self.groups: dict[str, deque[Any]] = {}
         self.waiting: dict[str, list[Any]] = {}
@@ -696,7 +827,7 @@ class _ReadyQueue:
                 self.put_back(job)
 
     def put_back(self, job: Any) -> None:
-        self.groups.setdefault(job.batch_group, deque()).append(job)
+        self.groups.setdefault(self.group(job), deque()).append(job)
 
     def next_batch(self, size: int) -> list[Any]:
         """Up to ``size`` ready frames that share their settings; [] when none is ready."""

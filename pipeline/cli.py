@@ -29,6 +29,7 @@ from pipeline.environment import RenderEnv
 from pipeline.models import RANDOM_WEIGHTS_NOTE
 from pipeline.paths import default_cache_dir
 from pipeline.planner import Plan
+from pipeline.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
 from pipeline.scene import Scene
 
 DEFAULT_CACHE = default_cache_dir()
@@ -116,8 +117,37 @@ def _short(text: str, width: int = 32) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _prompt_counts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, TokenCount]:
+    """The token count of each prompt that may pass one window (embedding key -> count), from the
+    model's tokenizer on disk; empty when there is none to read (a hub model not downloaded)."""
+    # Only texts that may pass one window are counted (a token spans at least one non-space
+    # character): a scene of short prompts never reads the tokenizer.
+    long = {key: str(r["text"]) for key, r in p.embeddings.items() if may_be_long(str(r["text"]))}
+    tokenizer = load_tokenizer(env.tokenizer) if long else None
+    if tokenizer is None:
+        return {}
+    return {
+        key: count_tokens(tokenizer, text, scene.prompt_format, scene.long_prompts, env.family)
+        for key, text in long.items()
+    }
+
+
+def _frame_tokens(cond: dict[str, Any], counts: dict[str, TokenCount]) -> dict[str, Any]:
+    """A frame's prompt tokens for ``--plan --json``: the most of its prompts, and any text cut."""
+    keys = list(cond.get("grid", [])) + [k for part in ("a", "b") for k, _ in cond.get(part, [])]
+    found = [counts[k] for k in keys if k in counts]
+    if not found:
+        return {}
+    out: dict[str, Any] = {"tokens": max(c.tokens for c in found), "chunks": max(c.chunks for c in found)}
+    cut = [c.cut for c in found if c.cut]
+    if cut:
+        out["cut"] = cut
+    return out
+
+
 def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json: bool) -> None:
     describe = _Describe(p)
+    counts = _prompt_counts(scene, env, p)
     if as_json:
         rows = [
             {
@@ -126,6 +156,7 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
                 "cached": s == "cached",
                 "status": s,
                 "prompt": describe.cond(j.recipe["cond"]),
+                **_frame_tokens(j.recipe["cond"], counts),
                 "cond": j.recipe["cond"],
                 "noise": j.recipe["noise"],
                 "scalars": j.recipe["scalars"],
@@ -150,6 +181,18 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
             f"{j.frame:>6}  {j.key[:12]}  {_short(describe.cond(j.recipe['cond']), 54):54}  "
             f"{_short(_describe_noise(j.recipe['noise']), 22):22}  {_short(values, 28):28}  {s}"
         )
+    for key, count in counts.items():
+        if count.tokens <= CHUNK_TOKENS:
+            continue
+        text = _short(p.text(key), 40)
+        if count.cut:
+            typer.echo(
+                f"prompt {text!r}: {count.tokens} tokens; the last {count.tokens - CHUNK_TOKENS} are cut: {count.cut!r}"
+            )
+        else:
+            typer.echo(
+                f"prompt {text!r}: {count.tokens} tokens, encoded in {count.chunks} chunks of {CHUNK_TOKENS}"
+            )
     cached = sum(1 for s in status if s == "cached")
     claimed = sum(1 for s in status if s.startswith("claimed by"))
     busy = f" ({claimed} of them being rendered by another process)" if claimed else ""

@@ -43,6 +43,9 @@ class RenderEnv:
     # scene-relative path -> sha256 of the file's content (init images, masks, learned embeddings, LoRAs)
     files: dict[str, str] = field(default_factory=dict)
     model_kind: str = "embedded"
+    # The model's first CLIP tokenizer folder when it is on disk: the planner counts prompt tokens with
+    # it (``pipeline.prompts``); its files are in the fingerprint ("tokenizer"), so not a key itself.
+    tokenizer: str | None = None
 
 
 def input_files(scene: Scene) -> list[str]:
@@ -86,6 +89,9 @@ def resolve_env(
         libraries=library_versions(),
         files=files,
         model_kind=ref.kind,
+        tokenizer=str(ref.folder / "tokenizer")
+        if ref.folder is not None and (ref.folder / "tokenizer").is_dir()
+        else None,
     )
 
 

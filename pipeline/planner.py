@@ -34,7 +34,7 @@ from pipeline.environment import RenderEnv
 from pipeline.gcpause import gc_paused
 from pipeline.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.models import T5_COMPONENTS, TEXT_COMPONENTS
-from pipeline.prompts import PARSER_VERSION, may_need_parser
+from pipeline.prompts import PARSER_VERSION, load_tokenizer, may_be_long, may_need_parser
 from pipeline.scene import HELD, SCALARS, PromptPart, Scene
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
@@ -62,40 +62,14 @@ class FrameJob:
     key: str
     recipe: dict[str, Any]
 
-    def batch_group(self, steps: int, family: str) -> str:
-        """Frames of one group go through one pipeline call together, each keeping its own pixels.
-
-        A call shares: the mode and its input images, the LoRA scales, whether classifier-free
-        guidance runs (guidance above 1; the renderer applies each frame's own scale), and, where the
-        mode has a strength, the denoising steps that strength leaves (``steps`` of the scene's
-        ``family``, counted as diffusers counts them) and whether it is the full 1.0 (an inpaint
-        starts from pure noise then). Prompts, negative prompts, noise, guidance and feedback motion
-        are per frame.
-        """
+    @property
+    def batch_group(self) -> str:
+        """Frames with equal settings can go through one pipeline call together."""
         r = self.recipe
-        scalars = r["scalars"]
         mode = {k: v for k, v in r["mode"].items() if k != "prev"}
         # A feedback chain that starts with nothing to feed back renders as txt2img: its own group.
         mode["starts_chain"] = r["mode"].get("prev") is None
-        group: dict[str, Any] = {"mode": mode, "cfg": "neg" in r, "lora": scalars.get("lora")}
-        if "strength" in scalars:
-            strength = float(scalars["strength"])
-            group["denoised"] = denoised_steps(steps, strength, family)
-            group["full"] = strength == 1.0
-        return key_of(group)
-
-
-def denoised_steps(steps: int, strength: float, family: str) -> int:
-    """The steps an image-to-image call runs at ``strength``: the last ones of the schedule.
-
-    As diffusers 0.42's ``get_timesteps`` counts them: SD 1.x/2.x and SDXL truncate ``steps *
-    strength``; SD3 truncates the steps it skips instead. Frames with equal counts run the same
-    timesteps from the same starting noise level (``tests/test_batch_values.py`` checks this against
-    each family's pipeline).
-    """
-    if family == "sd3":
-        return steps - int(max(steps - min(steps * strength, steps), 0))
-    return steps - max(steps - min(int(steps * strength), steps), 0)
+        return key_of({"scalars": r["scalars"], "mode": mode})
 
 
 @dataclass
@@ -312,6 +286,7 @@ class _Embeddings:
             else None
         )
         self.learned = [e.token or "" for e in scene.embeddings]
+        self._tokenizer_folder = env.tokenizer
         self.by_text: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.blends: dict[tuple[tuple[str, float], ...], list[list[Any]]] = {}
@@ -320,12 +295,17 @@ class _Embeddings:
         found = self.by_text.get(text)
         if found is None:
             recipe = {**self.common, "text": text}
-            if self.prompts and may_need_parser(text, self.prompts["format"], self.learned):
+            if self.prompts and self._may_need_parser(text):
                 recipe["prompts"] = self.prompts
             found = key_of(recipe)
             self.by_text[text] = found
             self.table[found] = recipe
         return found
+
+    def _may_need_parser(self, text: str) -> bool:
+        # The tokenizer is read only for a text that may be long (most scenes never read it).
+        tokenizer = load_tokenizer(self._tokenizer_folder) if may_be_long(text) else None
+        return may_need_parser(text, str(self.prompts["format"]), self.learned, tokenizer)  # type: ignore[index]
 
     def blend(self, parts: list[PromptPart]) -> list[list[Any]]:
         """A prompt as [[embedding key, weight], ...]; equal prompts give the same (shared) list."""

@@ -90,18 +90,25 @@ def has_syntax(text: str) -> bool:
     return bool(_SYNTAX.search(text))
 
 
-def may_need_parser(text: str, prompt_format: str, learned: list[str]) -> bool:
+def may_need_parser(text: str, prompt_format: str, learned: list[str], tokenizer: Any = None) -> bool:
     """Whether ``text`` may encode differently from diffusers' plain ``encode_prompt``.
 
-    It may when it has weighting syntax (and weighting is on) or may be longer than one chunk. A BPE
-    token spans at least one non-space character, so a text of at most 75 of them fits, unless a
-    learned embedding's token (several vectors, several tokens) is in it. Keys of the other texts stay
-    as they were before long prompts and weighting existed.
+    It may when it has weighting syntax (and weighting is on) or is longer than one chunk: counted
+    with ``tokenizer`` when there is one, else when it has more than 75 non-space characters (a BPE
+    token spans at least one), and whenever a learned embedding's token (several vectors, several
+    tokens) is in it. Keys of the other texts stay as they were before long prompts and weighting.
     """
     if prompt_format == "weighted" and has_syntax(text):
         return True
     if any(token and token in text for token in learned):
         return True
+    if not may_be_long(text):
+        return False
+    return tokenizer is None or len(tokenizer(text).input_ids) > CHUNK_TOKENS
+
+
+def may_be_long(text: str) -> bool:
+    """Whether ``text`` may have more than 75 tokens: a BPE token spans at least one non-space character."""
     return len("".join(text.split())) > CHUNK_TOKENS
 
 
@@ -119,7 +126,8 @@ def weighted_tokens(
     for part, weight in parts:
         if convert is not None:
             part = convert(part)
-        got = tokenizer(part, add_special_tokens=False, truncation=False).input_ids
+        # verbose=False: transformers would warn of a sequence past the window, which is what we handle.
+        got = tokenizer(part, add_special_tokens=False, truncation=False, verbose=False).input_ids
         ids += got
         weights += [weight] * len(got)
     return ids, weights
@@ -154,3 +162,103 @@ def chunked(ids: list[int], weights: list[float], tokenizer: Any, long_prompts: 
         out_weights.append([1.0, *part_w, 1.0] + [1.0] * fill)
         masks.append([1] * (len(part) + 2) + [0] * fill)
     return Chunks(out_ids, out_weights, masks, len(ids), ids[len(keep) :])
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """What ``--plan`` says of one prompt: its tokens, the windows it is encoded in, the text cut."""
+
+    tokens: int
+    chunks: int
+    cut: str  # the text the encoding drops ('' when none)
+
+
+def count_tokens(tokenizer: Any, text: str, prompt_format: str, long_prompts: str, family: str) -> TokenCount:
+    """Count ``text``'s tokens as the renderer will encode them (SD 1.x/2.x chunked or cut as the scene
+    says; SDXL and SD3 cut at one window). A learned embedding's token counts as one token here."""
+    fmt = prompt_format if family == "sd" else "plain"
+    ids = weighted_tokens(tokenizer, text, fmt)[0]
+    if family == "sd" and long_prompts == "chunk":
+        return TokenCount(len(ids), max(1, -(-len(ids) // CHUNK_TOKENS)), "")
+    cut = tokenizer.decode(ids[CHUNK_TOKENS:]) if len(ids) > CHUNK_TOKENS else ""
+    return TokenCount(len(ids), 1, cut)
+
+
+class _Ids:
+    def __init__(self, ids: list[int]) -> None:
+        self.input_ids = ids
+
+
+class ClipTokenizer:
+    """CLIP's tokenizer from a diffusers ``tokenizer`` folder (``vocab.json``, ``merges.txt``), built
+    with the ``tokenizers`` library as transformers' CLIP converter builds it, so that ``--plan`` and
+    the planner count tokens without importing transformers or torch. Called as transformers'
+    tokenizers are (``tokenizer(text, add_special_tokens=False).input_ids``); tests/test_prompts.py
+    checks that it gives transformers' ids."""
+
+    def __init__(self, folder: str) -> None:
+        from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+        bpe = models.BPE.from_file(
+            f"{folder}/vocab.json",
+            f"{folder}/merges.txt",
+            unk_token="<|endoftext|>",
+            end_of_word_suffix="</w>",
+            continuing_subword_prefix="",
+            fuse_unk=False,
+        )
+        tok = Tokenizer(bpe)
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(
+                    Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                    behavior="removed",
+                    invert=True,
+                ),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        self._tok = tok
+
+    def __call__(self, text: str, **_: Any) -> _Ids:
+        return _Ids(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids`` as transformers' CLIP tokenizer decodes it (words apart, bytes joined)."""
+        text = "".join(self._tok.id_to_token(i) or "" for i in ids).replace("</w>", " ")
+        return bytes(_BYTE_OF.get(c, 32) for c in text).decode("utf-8", errors="replace").strip()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's (and CLIP's) reversible map of bytes to printable characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(b)
+        else:
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(range(256), map(chr, chars), strict=True))
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+_TOKENIZERS: dict[str, ClipTokenizer | None] = {}
+
+
+def load_tokenizer(folder: str | None) -> ClipTokenizer | None:
+    """The tokenizer of a ``tokenizer`` folder (once per process), or None where it cannot be read."""
+    if folder is None:
+        return None
+    if folder not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[folder] = ClipTokenizer(folder)
+        except Exception:  # missing or unreadable files: the render will say so; --plan counts nothing
+            _TOKENIZERS[folder] = None
+    return _TOKENIZERS[folder]

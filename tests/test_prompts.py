@@ -168,3 +168,64 @@ def test_render_with_weighted_and_long_prompts(tmp_path: Path) -> None:
     assert keys[0] == keys[1]
     with CacheDir(tmp_path / "cache") as mixed, CacheDir(alone / "cache") as single:
         assert mixed.frames.get(keys[0]) == single.frames.get(keys[1]) is not None
+
+
+def _plan_output(path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--plan", "--cache-dir", str(path.parent / "cache"), *extra])
+    assert exc.value.code in (0, None)
+    out, err = capsys.readouterr()
+    assert "Token indices sequence length" not in err  # transformers' own warning stays quiet
+    return out
+
+
+def test_plan_shows_token_counts_and_what_is_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    path = _scene(tmp_path, "", LONG, frames=2)
+    out = _plan_output(path, capsys)
+    assert "prompt 'a dog on a hill, cat cat cat cat cat ca…': 106 tokens, encoded in 2 chunks of 75\n" in out
+    rows = json.loads(_plan_output(path, capsys, "--json"))
+    assert (rows[0]["tokens"], rows[0]["chunks"], "cut" in rows[0]) == (106, 2, False)
+    path.write_text(path.read_text().replace("steps: 2", "steps: 2\nlong_prompts: truncate"))
+    out = _plan_output(path, capsys)
+    assert "106 tokens; the last 31 are cut: 'cat cat cat" in out
+    rows = json.loads(_plan_output(path, capsys, "--json"))
+    assert (rows[0]["tokens"], rows[0]["chunks"], rows[0]["cut"]) == (106, 1, ["cat " * 30 + "cat"])
+
+
+TEXTS = [
+    "A cute dog in a beautiful field of lavander colorful flowers everywhere, perfect lighting, leica "
+    "summicron 35mm f2.0, kodak portra 400, film grain",
+    "Ünïcode  ça   va? it's 12345 cats!!! émoji 🐱 don't",
+    "x" * 300,
+    LONG,
+]
+
+
+def test_plan_tokenizer_gives_transformers_ids() -> None:
+    from transformers import CLIPTokenizer
+
+    from pipeline.prompts import ClipTokenizer
+
+    folder = ROOT / "pipeline" / "embedded" / "tiny" / "tokenizer"
+    ours, theirs = ClipTokenizer(str(folder)), CLIPTokenizer.from_pretrained(str(folder))
+    for text in TEXTS:
+        ids = ours(text).input_ids
+        assert ids == theirs(text, add_special_tokens=False, verbose=False).input_ids
+        assert ours.decode(ids) == theirs.decode(ids)
+
+
+def test_a_long_text_of_few_tokens_keeps_its_key(tmp_path: Path) -> None:
+    # 156 non-space characters but 38 tokens (the dog_cat example): counted, not guessed, so its
+    # embedding key is the one it had before long prompts existed.
+    scene = load_scene(_scene(tmp_path, prompt=TEXTS[0]))
+    env = resolve_env(scene, device="cpu")
+    assert env.tokenizer is not None
+    assert "prompts" not in _key_recipe(plan(scene, env))
+    # Without a tokenizer on disk the planner cannot count: the key names the prompt format.
+    from dataclasses import replace
+
+    assert "prompts" in _key_recipe(plan(scene, replace(env, tokenizer=None)))

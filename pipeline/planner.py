@@ -62,14 +62,40 @@ class FrameJob:
     key: str
     recipe: dict[str, Any]
 
-    @property
-    def batch_group(self) -> str:
-        """Frames with equal settings can go through one pipeline call together."""
+    def batch_group(self, steps: int, family: str) -> str:
+        """Frames of one group go through one pipeline call together, each keeping its own pixels.
+
+        A call shares: the mode and its input images, the LoRA scales, whether classifier-free
+        guidance runs (guidance above 1; the renderer applies each frame's own scale), and, where the
+        mode has a strength, the denoising steps that strength leaves (``steps`` of the scene's
+        ``family``, counted as diffusers counts them) and whether it is the full 1.0 (an inpaint
+        starts from pure noise then). Prompts, negative prompts, noise, guidance and feedback motion
+        are per frame.
+        """
         r = self.recipe
+        scalars = r["scalars"]
         mode = {k: v for k, v in r["mode"].items() if k != "prev"}
         # A feedback chain that starts with nothing to feed back renders as txt2img: its own group.
         mode["starts_chain"] = r["mode"].get("prev") is None
-        return key_of({"scalars": r["scalars"], "mode": mode})
+        group: dict[str, Any] = {"mode": mode, "cfg": "neg" in r, "lora": scalars.get("lora")}
+        if "strength" in scalars:
+            strength = float(scalars["strength"])
+            group["denoised"] = denoised_steps(steps, strength, family)
+            group["full"] = strength == 1.0
+        return key_of(group)
+
+
+def denoised_steps(steps: int, strength: float, family: str) -> int:
+    """The steps an image-to-image call runs at ``strength``: the last ones of the schedule.
+
+    As diffusers 0.42's ``get_timesteps`` counts them: SD 1.x/2.x and SDXL truncate ``steps *
+    strength``; SD3 truncates the steps it skips instead. Frames with equal counts run the same
+    timesteps from the same starting noise level (``tests/test_batch_values.py`` checks this against
+    each family's pipeline).
+    """
+    if family == "sd3":
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return steps - max(steps - min(int(steps * strength), steps), 0)
 
 
 @dataclass

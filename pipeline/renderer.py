@@ -1,18 +1,20 @@
-"""The batch renderer: frame jobs in, PNG bytes out, through diffusers pipelines.
+"""The batch renderer: frame jobs in, images out, through diffusers pipelines.
 
 Laid out like a diffusers pipeline, in numbered steps: ``encode_prompts`` (through the embedding
-cache), ``prepare_latents`` (per-frame CPU noise), ``denoise`` (the diffusers pipeline of the frame's
-mode, with ``prompt_embeds``/``pooled_prompt_embeds``/``negative_*`` and the noise passed in) and
-``encode_png``::
+cache), ``prepare_latents`` (per-frame CPU noise) and ``denoise`` (the diffusers pipeline of the
+frame's mode, with ``prompt_embeds``/``pooled_prompt_embeds``/``negative_*`` and the noise passed
+in, decoded by its VAE)::
 
     renderer = FrameRenderer(pipe, scene, plan, cache, device="cpu", dtype="float32")
-    pngs = renderer.render_batch(batch)          # one PNG per job, in order
+    images = renderer.render_batch(batch)        # one PIL image per job, in order
 
-A batch is frames that share their scalar settings (``FrameJob.batch_group``; ``pipeline.run``
-forms the batches); it goes through one pipeline call. Each frame brings its own
-noise and its own generator (for ancestral samplers and VAE sampling), so its pixels never depend
-on the batch it lands in. A feedback frame starts from the frame before it, read from the cache, so
-the caller renders feedback chains in waves (see ``pipeline.run``).
+PNG encoding and the cache write are the caller's (``pipeline.run`` does them in a writer thread
+while the next batch renders). A batch is frames of one ``FrameJob.batch_group`` (``pipeline.run``
+forms the batches); it goes through one pipeline call. Each frame brings its own prompt and
+negative prompt, its own noise and generator (for ancestral samplers and VAE sampling), its own
+guidance scale (:class:`PerFrameGuidance`) and, for feedback, its own motion, so its pixels never
+depend on the batch it lands in. A feedback frame starts from the frame before it, read from the
+cache, so the caller renders feedback chains in waves (see ``pipeline.run``).
 """
 
 from __future__ import annotations
@@ -59,13 +61,6 @@ PIPELINES: dict[tuple[str, str], str] = {
     ("sd3", "feedback"): "StableDiffusion3Img2ImgPipeline",
     ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
 }
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of a PIL image (fast compression: frames are written once and read a few times)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def configure(pipe: Any, scene: Scene) -> Any:
@@ -115,6 +110,56 @@ def _embedding_tensors(data: bytes) -> dict[str, Any]:
 
 def _denoiser(pipe: Any) -> Any:
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+class PerFrameGuidance(float):
+    """A classifier-free guidance scale that is each frame's own inside one batched pipeline call.
+
+    diffusers' pipelines (every family and mode we use, 0.42) take one float and combine the two
+    halves of the batch as ``uncond + self.guidance_scale * (text - uncond)``, the scale on the
+    left. This float is the first frame's scale, so every ``> 1`` test the pipeline makes answers
+    as for each frame of the batch (``FrameJob.batch_group`` keeps guided and unguided frames
+    apart); multiplied with a batch tensor it scales sample ``i`` by ``scales[i]``, each product
+    computed in float32 and rounded once to the tensor's dtype, as ``tensor * float`` rounds it: a
+    frame's pixels are those of a one-frame call with its own scale. ``used`` counts the tensor
+    products, so a diffusers that stops multiplying this way is caught (:meth:`check_used`).
+    """
+
+    scales: tuple[float, ...]
+    used: int
+
+    def __new__(cls, scales: Sequence[float]) -> PerFrameGuidance:
+        obj = super().__new__(cls, scales[0])
+        obj.scales = tuple(float(s) for s in scales)
+        obj.used = 0
+        return obj
+
+    def __mul__(self, other: Any) -> Any:
+        if not isinstance(other, torch.Tensor):
+            return float(self) * other
+        if other.ndim == 0 or other.shape[0] != len(self.scales):
+            raise RuntimeError(
+                f"per-frame guidance for {len(self.scales)} frames met a tensor of shape {tuple(other.shape)}"
+            )
+        wide = torch.float64 if other.dtype == torch.float64 else torch.float32
+        scale = torch.tensor(self.scales, dtype=wide, device=other.device)
+        self.used += 1
+        return (other.to(wide) * scale.view(-1, *([1] * (other.ndim - 1)))).to(other.dtype)
+
+    __rmul__ = __mul__
+
+    def check_used(self, pipe: Any) -> None:
+        if self.used == 0 and len(set(self.scales)) > 1:
+            raise RuntimeError(
+                f"{type(pipe).__name__} did not apply its guidance scale as a factor on the left; "
+                "per-frame guidance does not support this diffusers version"
+            )
+
+
+def guidance_embedded(pipe: Any) -> bool:
+    """Whether the denoiser takes the guidance scale as an input (LCM-style ``time_cond_proj_dim``):
+    then frames with different scales cannot share a call."""
+    return getattr(getattr(_denoiser(pipe), "config", None), "time_cond_proj_dim", None) is not None
 
 
 @contextlib.contextmanager
@@ -421,12 +466,33 @@ class FrameRenderer:
     # 3. Denoise with the mode's diffusers pipeline (which also decodes with the VAE).
     @torch.no_grad()
     def denoise(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> list[Image.Image]:
-        recipe = jobs[0].recipe  # scalars and mode are equal across a batch (see batch_group)
+        """Images of ``jobs`` from their initial ``latents``, in as few pipeline calls as their
+        settings allow: one for jobs of one ``batch_group`` (each with its own guidance scale),
+        except with a denoiser that takes the scale as an input, where each scale has its call."""
+        steps, embedded = self.scene.steps, guidance_embedded(self.pipe)
+        calls: dict[tuple[str, float | None], list[int]] = {}
+        for i, job in enumerate(jobs):
+            guidance = float(job.recipe["scalars"]["guidance"]) if embedded else None
+            calls.setdefault((job.batch_group(steps, self.family), guidance), []).append(i)
+        if len(calls) == 1:
+            return self._call(jobs, latents)
+        images: list[Image.Image] = [None] * len(jobs)  # type: ignore[list-item]
+        for picks in calls.values():
+            for i, image in zip(picks, self._call([jobs[i] for i in picks], latents[picks]), strict=True):
+                images[i] = image
+        return images
+
+    def _call(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> list[Image.Image]:
+        """One pipeline call for jobs of one batch group."""
+        recipe = jobs[0].recipe  # mode, LoRA scales and denoised steps are equal across the call
         scalars, mode = recipe["scalars"], recipe["mode"]
         conds = [conditioning(j.recipe["cond"], self.embeddings, self._shared) for j in jobs]
+        scales = [float(j.recipe["scalars"]["guidance"]) for j in jobs]
+        # Without guidance (no negative side) the scale is never read: any frame's will do.
+        guidance = PerFrameGuidance(scales) if "neg" in recipe and len(set(scales)) > 1 else scales[0]
         kwargs: dict[str, Any] = {
             "num_inference_steps": self.scene.steps,
-            "guidance_scale": float(scalars["guidance"]),
+            "guidance_scale": guidance,
             "generator": self._generators(jobs),
             "output_type": "pil",
         }
@@ -453,6 +519,7 @@ class FrameRenderer:
                     base = start if start is not None else fallback
                     moved.append(motion(base, s["zoom"], s["angle"], s["translate_x"], s["translate_y"]))
                 kwargs["image"] = moved
+                # Strengths of one call leave the same denoising steps (batch_group): any of them will do.
                 kwargs["strength"] = float(scalars["strength"])
         elif name in ("img2img", "inpaint", "depth2img"):
             kwargs["image"] = [self._image(mode["init"])] * len(jobs)
@@ -469,19 +536,24 @@ class FrameRenderer:
             # Some mode pipelines (SD3 img2img) would otherwise resize the init image to their default size.
             kwargs.update(height=self.scene.height, width=self.scene.width)
         if name == "txt2img":
-            return pipe(latents=latents, **kwargs).images
-        with injected_noise(pipe, latents), warnings.catch_warnings():
-            # depth2img runs its depth estimator under torch.autocast(dtype=the model's dtype); in
-            # float32 torch says it disables autocast, which is what we want: not news for the user.
-            warnings.filterwarnings(
-                "ignore",
-                message=r"In \w+ autocast, but the target dtype is not supported",
-                category=UserWarning,
-            )
-            return pipe(**kwargs).images
+            images = pipe(latents=latents, **kwargs).images
+        else:
+            with injected_noise(pipe, latents), warnings.catch_warnings():
+                # depth2img runs its depth estimator under torch.autocast(dtype=the model's dtype); in
+                # float32 torch says it disables autocast, which is what we want: not news for the user.
+                warnings.filterwarnings(
+                    "ignore",
+                    message=r"In \w+ autocast, but the target dtype is not supported",
+                    category=UserWarning,
+                )
+                images = pipe(**kwargs).images
+        if isinstance(guidance, PerFrameGuidance):
+            guidance.check_used(pipe)
+        return list(images)
 
-    def render_batch(self, batch: Sequence[FrameJob]) -> list[bytes]:
-        """Render one batch (equal settings; each feedback frame's previous frame already cached)."""
+    def render_batch(self, batch: Sequence[FrameJob]) -> list[Image.Image]:
+        """Render one batch (one batch group; each feedback frame's previous frame already cached):
+        an RGB image per job, in order. The caller encodes and stores them."""
         self.encode_prompts(key for job in batch for key in _frame_embedding_keys(job))
         # Frames whose prompts have different chunk counts (long prompts) get their own calls: each
         # frame's embeddings are padded to its own longest, never to its batch's.
@@ -490,13 +562,13 @@ class FrameRenderer:
             groups.setdefault(self._chunks(job), []).append(i)
         if len(groups) == 1:
             with self._padded(next(iter(groups)), batch):
-                return [encode_png(img) for img in self.denoise(batch, self.prepare_latents(batch))]
-        images: list[bytes] = [b""] * len(batch)
+                return self.denoise(batch, self.prepare_latents(batch))
+        images: list[Image.Image] = [None] * len(batch)  # type: ignore[list-item]
         for chunks, picks in groups.items():
             jobs = [batch[i] for i in picks]
             with self._padded(chunks, jobs):
                 for i, image in zip(picks, self.denoise(jobs, self.prepare_latents(jobs)), strict=True):
-                    images[i] = encode_png(image)
+                    images[i] = image
         return images
 
     def _chunks(self, job: FrameJob) -> int:

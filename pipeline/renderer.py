@@ -40,8 +40,8 @@ from pipeline.environment import read_input
 from pipeline.interpolate import Entry, conditioning, noise_for
 from pipeline.keys import key_of
 from pipeline.models import ModelError
-from pipeline.planner import FrameJob, Plan
-from pipeline.prompts import CHUNK_TOKENS, chunked, weighted_tokens
+from pipeline.planner import FrameJob, Plan, denoised_steps
+from pipeline.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES, chunked, weighted_tokens
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
 
@@ -531,6 +531,11 @@ class FrameRenderer:
                     np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0
                 )
                 kwargs["depth_map"] = depth[None].repeat(len(jobs), 1, 1)
+        if "strength" in kwargs and denoised_steps(self.scene.steps, kwargs["strength"], self.family) == 0:
+            # A strength this low leaves no denoising step (steps x strength < 1): the frame is its
+            # start image as it is (strength 0 keeps the image). diffusers would fail or, with some
+            # schedulers, return noise. The whole batch shares the count (see FrameJob.batch_group).
+            return [im.convert("RGB") for im in kwargs["image"]]
         pipe = self._mode_pipe(name)
         if "height" in inspect.signature(pipe.__call__).parameters:
             # Some mode pipelines (SD3 img2img) would otherwise resize the init image to their default size.

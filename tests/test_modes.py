@@ -284,3 +284,37 @@ def test_flat_depth_map_is_refused_before_loading(tmp_path: Path) -> None:
     (problem,) = exc.value.problems
     assert (problem.line, problem.col) == (4, 12)
     assert "one value everywhere" in problem.message
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_ancestral", "pndm"])
+def test_a_strength_that_leaves_no_denoising_step_keeps_the_start_image(
+    tmp_path: Path, scheduler: str
+) -> None:
+    # steps 2 x strength 0.35 < 1: diffusers runs no step and fails (ddim, euler_ancestral: a
+    # RuntimeError traceback) or returns noise (pndm). Such a frame is its start image as it is.
+    import pipeline
+
+    shutil.copy(INPUTS / "landscape.png", tmp_path / "in.png")
+    common = {"size": [32, 32], "steps": 2, "strength": 0.35, "scheduler": scheduler, "outputs": []}
+    keyframes = [{"frame": 0, "prompt": "a house"}, {"frame": 2, "prompt": "a tower"}]
+    init = Image.open(tmp_path / "in.png").convert("RGB").resize((32, 32), Image.LANCZOS)
+    img2img = pipeline.open(
+        {**common, "mode": "img2img", "init_image": "in.png", "keyframes": keyframes},
+        base_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        name="i2i",
+    )
+    assert img2img.render().rendered == 3
+    assert all(np.array_equal(np.asarray(f), np.asarray(init)) for f in img2img.frames())
+    feedback = pipeline.open(
+        {**common, "mode": "feedback", "zoom": 1.5, "keyframes": keyframes},
+        base_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        name="fb",
+    )
+    assert feedback.render().rendered == 3
+    frames = feedback.frames()
+    moved = motion(frames[0], 1.5, 0.0, 0.0, 0.0)
+    assert np.array_equal(np.asarray(frames[1]), np.asarray(moved.convert("RGB")))

@@ -34,7 +34,13 @@ from pipeline.environment import RenderEnv
 from pipeline.gcpause import gc_paused
 from pipeline.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.models import T5_COMPONENTS, TEXT_COMPONENTS
-from pipeline.prompts import PARSER_VERSION, load_tokenizer, may_be_long, may_need_parser
+from pipeline.prompts import (
+    PARSER_VERSION,
+    WEIGHTED_FAMILIES,
+    load_tokenizer,
+    may_be_long,
+    may_need_parser,
+)
 from pipeline.scene import HELD, SCALARS, PromptPart, Scene
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
@@ -303,12 +309,12 @@ class _Embeddings:
             "dtype": env.dtype,
             "libraries": {k: v for k, v in env.libraries.items() if k in EMBEDDING_LIBRARIES},
         }
-        # SD 1.x/2.x texts that may encode otherwise than diffusers' plain encode_prompt (weighting
+        # SD 1.x/2.x and SDXL texts that may encode otherwise than diffusers' plain encode_prompt (weighting
         # syntax, or longer than one CLIP window) name the prompt format and parser in their key; the
         # keys of the other texts stay as they were before weighting and long prompts existed.
         self.prompts = (
             {"format": scene.prompt_format, "long": scene.long_prompts, "parser": PARSER_VERSION}
-            if env.family == "sd"
+            if env.family in WEIGHTED_FAMILIES
             else None
         )
         self.learned = [e.token or "" for e in scene.embeddings]

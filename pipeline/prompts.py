@@ -23,6 +23,9 @@ from typing import Any
 # Bump when the parse or the chunking changes: it is in every key of a prompt that goes through here.
 PARSER_VERSION = 1
 
+# The model families whose prompts are weighted and chunked here (SD3 is not, yet).
+WEIGHTED_FAMILIES = ("sd", "sdxl")
+
 # Tokens of one chunk between its BOS and EOS (CLIP's window of 77 less the two).
 CHUNK_TOKENS = 75
 
@@ -175,10 +178,10 @@ class TokenCount:
 
 def count_tokens(tokenizer: Any, text: str, prompt_format: str, long_prompts: str, family: str) -> TokenCount:
     """Count ``text``'s tokens as the renderer will encode them (SD 1.x/2.x chunked or cut as the scene
-    says; SDXL and SD3 cut at one window). A learned embedding's token counts as one token here."""
-    fmt = prompt_format if family == "sd" else "plain"
+    says; SD3 cut at one window). A learned embedding's token counts as one token here."""
+    fmt = prompt_format if family in WEIGHTED_FAMILIES else "plain"
     ids = weighted_tokens(tokenizer, text, fmt)[0]
-    if family == "sd" and long_prompts == "chunk":
+    if family in WEIGHTED_FAMILIES and long_prompts == "chunk":
         return TokenCount(len(ids), max(1, -(-len(ids) // CHUNK_TOKENS)), "")
     cut = tokenizer.decode(ids[CHUNK_TOKENS:]) if len(ids) > CHUNK_TOKENS else ""
     return TokenCount(len(ids), 1, cut)

@@ -267,6 +267,8 @@ class FrameRenderer:
             self._check_clip_skip(clip_skip)
         if self.family == "sd" and prompts is not None:
             entry = {"prompt_embeds": self._sd_weighted(text, prompts, clip_skip or 0)}
+        elif self.family == "sdxl" and prompts is not None:
+            entry = self._sdxl_weighted(text, prompts, clip_skip or 0)
         elif self.family == "sd" and clip_skip:
             entry = {"prompt_embeds": self._sd_skipped(text, clip_skip)}
         elif self.family == "sd":
@@ -349,6 +351,38 @@ class FrameRenderer:
             z = self._sd_hidden(torch.tensor([chunk_ids]), torch.tensor([mask]), clip_skip).float()
             out.append(emphasis(z, torch.tensor(chunk_weights, dtype=torch.float32, device=z.device)))
         return torch.cat(out, dim=1)
+
+    def _sdxl_weighted(self, text: str, prompts: Mapping[str, Any], clip_skip: int) -> Entry:
+        """SDXL embeddings of a weighted and/or long prompt: each encoder's chunks as for SD 1.x/2.x,
+        from the layer diffusers' ``encode_prompt`` takes (``hidden_states[-(clip_skip + 2)]``, no
+        norm), the two encoders' outputs side by side; the pooled embedding is the second encoder's
+        for the first chunk, unweighted (as AUTOMATIC1111 takes it)."""
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        pipe = self.pipe
+        sides, pooled = [], None
+        for tokenizer, encoder in (
+            (pipe.tokenizer, pipe.text_encoder),
+            (pipe.tokenizer_2, pipe.text_encoder_2),
+        ):
+            if encoder is None:  # a refiner has only the second encoder
+                continue
+            convert = None
+            if isinstance(pipe, TextualInversionLoaderMixin):
+                convert = lambda part, tok=tokenizer: pipe.maybe_convert_prompt(part, tok)  # noqa: E731
+            ids, weights = weighted_tokens(tokenizer, text, str(prompts["format"]), convert)
+            chunks = chunked(ids, weights, tokenizer, str(prompts["long"]))
+            if chunks.dropped and not sides:
+                _warn_dropped(text, chunks.tokens, tokenizer.decode(chunks.dropped), self.family)
+            out = []
+            for n, (chunk_ids, chunk_weights) in enumerate(zip(chunks.ids, chunks.weights, strict=True)):
+                got = encoder(torch.tensor([chunk_ids]).to(self.device), output_hidden_states=True)
+                if n == 0 and got[0].ndim == 2:  # CLIPTextModelWithProjection: its text_embeds
+                    pooled = got[0]
+                z = got.hidden_states[-(clip_skip + 2)].float()
+                out.append(emphasis(z, torch.tensor(chunk_weights, dtype=torch.float32, device=z.device)))
+            sides.append(torch.cat(out, dim=1))
+        return {"prompt_embeds": torch.cat(sides, dim=-1), "pooled_prompt_embeds": pooled}
 
     def _sd_hidden(self, ids: torch.Tensor, mask: torch.Tensor, clip_skip: int) -> torch.Tensor:
         """The SD 1.x/2.x text encoder's output for one window of token ids (``clip_skip`` as in
@@ -578,7 +612,7 @@ class FrameRenderer:
 
     def _chunks(self, job: FrameJob) -> int:
         """The most 77-token windows among a frame's prompt and negative prompt embeddings."""
-        if self.family != "sd":
+        if self.family not in WEIGHTED_FAMILIES:
             return 1
         window = CHUNK_TOKENS + 2
         return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in _frame_embedding_keys(job))
@@ -624,7 +658,11 @@ def emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def _warn_dropped(text: str, tokens: int, cut: str, family: str) -> None:
     """A prompt lost tokens: say how many and which text (diffusers' own warning is silenced)."""
-    why = "long_prompts: truncate" if family == "sd" else f"{family} prompts are cut at one CLIP window"
+    why = (
+        "long_prompts: truncate"
+        if family in WEIGHTED_FAMILIES
+        else f"{family} prompts are cut at one CLIP window"
+    )
     print(
         f"warning: prompt {text[:60]!r}{'...' if len(text) > 60 else ''} is {tokens} tokens; "
         f"{why} drops the last {tokens - CHUNK_TOKENS}: {cut!r}",

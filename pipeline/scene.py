@@ -274,7 +274,7 @@ class Scene(_Strict):
     curve: str = "linear"
     noise: Annotated[Noise, BeforeValidator(_text_to_mapping("kind"))] = Field(default_factory=Noise)
     clip_skip: int = Field(default=0, ge=0, le=11)
-    # SD 1.x/2.x: AUTOMATIC1111 weighting syntax, and prompts past 75 tokens chunked or cut (pipeline.prompts).
+    # SD 1.x/2.x and SDXL: AUTOMATIC1111 weighting syntax, and prompts past 75 tokens chunked or cut (pipeline.prompts).
     prompt_format: Literal["weighted", "plain"] = "weighted"
     long_prompts: Literal["chunk", "truncate"] = "chunk"
     t5: bool = False

@@ -31,10 +31,12 @@ def test_parse_follows_automatic1111() -> None:
     assert parse_weighted("") == [("", 1.0)]
 
 
-def _scene(folder: Path, extra: str = "", prompt: str = "a dog", frames: int = 1) -> Path:
+def _scene(
+    folder: Path, extra: str = "", prompt: str = "a dog", frames: int = 1, model: str = "tiny"
+) -> Path:
     path = folder / "scene.yaml"
     path.write_text(
-        f"model: tiny\nsize: [32, 32]\nsteps: 2\nframes: {frames}\n{extra}"
+        f"model: {model}\nsize: [32, 32]\nsteps: 2\nframes: {frames}\n{extra}"
         f"keyframes:\n  - {{frame: 0, prompt: {prompt!r}}}\n",
         encoding="utf-8",
     )
@@ -229,3 +231,45 @@ def test_a_long_text_of_few_tokens_keeps_its_key(tmp_path: Path) -> None:
     from dataclasses import replace
 
     assert "prompts" in _key_recipe(plan(scene, replace(env, tokenizer=None)))
+
+
+# -- SDXL: two encoders side by side, the pooled embedding from the second one's first chunk ------------
+
+
+def test_sdxl_weighted_and_long_prompts(tmp_path: Path) -> None:
+    with CacheDir(tmp_path / "cache") as cache:
+        renderer, jobs = _renderer(_scene(tmp_path, "", "(dog:1.5)", model="tiny-sdxl"), cache)
+        pipe, prompts = renderer.pipe, _key_recipe(jobs)["prompts"]
+        assert prompts == {"format": "weighted", "long": "chunk", "parser": PARSER_VERSION}
+
+        def plain(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, _, pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+            return embeds, pooled
+
+        # One window without weights: the chunked path is diffusers' own encoding.
+        ours = renderer._encode("a dog on grass", prompts)
+        embeds, pooled = plain("a dog on grass")
+        assert ours["prompt_embeds"].shape == (1, 77, 64)  # the two encoders' 32 + 32
+        assert torch.allclose(ours["prompt_embeds"], embeds, atol=1e-6, rtol=0)
+        assert torch.allclose(ours["pooled_prompt_embeds"], pooled, atol=1e-6, rtol=0)
+        # A weight changes the conditioning, not the pooled embedding (as in AUTOMATIC1111).
+        weighted = renderer._encode("a (dog:1.5) on grass", prompts)
+        assert (weighted["prompt_embeds"] - embeds).abs().max() > 1e-2
+        assert torch.allclose(weighted["pooled_prompt_embeds"], pooled, atol=1e-6, rtol=0)
+        # A long prompt: two windows; the first is the cut prompt, the pooled embedding the cut one's.
+        long = renderer._encode(LONG, prompts)
+        cut_embeds, cut_pooled = plain(LONG)
+        assert long["prompt_embeds"].shape == (1, 154, 64)
+        assert torch.allclose(long["prompt_embeds"][:, :77], cut_embeds, atol=1e-6, rtol=0)
+        assert torch.allclose(long["pooled_prompt_embeds"], cut_pooled, atol=1e-6, rtol=0)
+
+
+def test_sdxl_render_with_weighted_and_long_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "scene.yaml"
+    path.write_text(
+        "model: tiny-sdxl\nsize: [32, 32]\nsteps: 2\nframes: 2\nnoise: fixed\nnegative_prompt: '[blurry]'\n"
+        f"curve: step\nkeyframes:\n  - {{frame: 0, prompt: {LONG!r}}}\n"
+        "  - {frame: 1, prompt: 'a (dog:1.5)'}\n",
+        encoding="utf-8",
+    )
+    assert run_render(path, tmp_path / "cache", "--batch-size", "2")["rendered"] == 2

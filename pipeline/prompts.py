@@ -67,7 +67,13 @@ def parse_weighted(text: str) -> list[tuple[str, float]]:
         elif part == "[":
             square_open.append(len(res))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            start = round_open.pop()
+            try:
+                factor = float(weight)
+            except ValueError:  # ':1.2.3)' or ':.)': AUTOMATIC1111 raises; here it is text, ')' closes
+                res.append([part[: part.rindex(")")], 1.0])
+                factor = 1.1
+            multiply(start, factor)
         elif part == ")" and round_open:
             multiply(round_open.pop(), 1.1)
         elif part == "]" and square_open:

@@ -29,6 +29,9 @@ def test_parse_follows_automatic1111() -> None:
     assert parse_weighted(r"\(dog\) [x") == [("(dog) ", 1.0), ("x", 1 / 1.1)]  # unclosed: to the end
     assert parse_weighted("a) b:c") == [("a) b:c", 1.0)]  # stray brackets and colons are text
     assert parse_weighted("") == [("", 1.0)]
+    # A weight that is no number (AUTOMATIC1111 raises ValueError): text, and the bracket closes.
+    assert parse_weighted("(a:1.2.3) b") == [("a:1.2.3", 1.1), (" b", 1.0)]
+    assert parse_weighted("(a:.)") == [("a:.", 1.1)]
 
 
 def _scene(

@@ -4,6 +4,7 @@ and a render with them on the embedded ``tiny`` model."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,20 @@ def test_sdxl_render_with_weighted_and_long_prompts(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert run_render(path, tmp_path / "cache", "--batch-size", "2")["rendered"] == 2
+
+
+def test_learned_embedding_token_in_a_weighted_prompt(tmp_path: Path) -> None:
+    # A textual-inversion token is expanded per fragment, as diffusers expands it in a whole prompt:
+    # unweighted, the chunked path gives diffusers' own encoding; weighted, the token's vector changes.
+    shutil.copytree(ROOT / "scenes" / "inputs", tmp_path / "inputs")
+    extra = "embeddings:\n  - {path: inputs/tom_tiny.safetensors, token: '<tom>'}\n"
+    with CacheDir(tmp_path / "cache") as cache:
+        renderer, jobs = _renderer(_scene(tmp_path, extra, "a cartoon of (<tom>:1.4)"), cache)
+        prompts = _key_recipe(jobs)["prompts"]
+        plain, _ = renderer.pipe.encode_prompt("a cartoon of <tom>", "cpu", 1, False)
+        ours = renderer._encode("a cartoon of <tom>", prompts)["prompt_embeds"]
+        assert torch.allclose(ours, plain, atol=1e-6, rtol=0)
+        weighted = renderer._encode("a cartoon of (<tom>:1.4)", prompts)["prompt_embeds"]
+        assert (weighted - plain).abs().max() > 1e-2
+        expected = _reference(renderer.pipe, [("a cartoon of ", 1.0), ("<tom>", 1.4)])
+        assert torch.allclose(weighted, expected, atol=1e-6, rtol=0)

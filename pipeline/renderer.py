@@ -40,7 +40,7 @@ from pipeline.environment import read_input
 from pipeline.interpolate import Entry, conditioning, noise_for
 from pipeline.keys import key_of
 from pipeline.models import ModelError
-from pipeline.planner import FrameJob, Plan, denoised_steps
+from pipeline.planner import FrameJob, Plan
 from pipeline.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES, chunked, weighted_tokens
 from pipeline.scene import Scene
 from pipeline.schedulers import build_scheduler
@@ -463,6 +463,18 @@ class FrameRenderer:
         # change elsewhere in the key (a library version) does not reshuffle it.
         return [torch.Generator("cpu").manual_seed(int(key_of(job.recipe["noise"])[:15], 16)) for job in jobs]
 
+    def _timesteps_left(self, pipe: Any, strength: float) -> int:
+        """How many timesteps an image-to-image call at ``strength`` runs, counted as diffusers 0.42's
+        ``get_timesteps`` slices the scheduler's schedule (SD3 truncates the skipped steps instead)."""
+        steps = self.scene.steps
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(steps)  # the call sets them again itself; this only reads their count
+        if self.family == "sd3":
+            start = int(max(steps - min(steps * strength, steps), 0))
+        else:
+            start = max(steps - min(int(steps * strength), steps), 0)
+        return len(scheduler.timesteps[start * getattr(scheduler, "order", 1) :])
+
     def _mode_pipe(self, mode: str) -> Any:
         name = PIPELINES[(self.family, mode)]
         if type(self.pipe).__name__ == name:
@@ -565,12 +577,13 @@ class FrameRenderer:
                     np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0
                 )
                 kwargs["depth_map"] = depth[None].repeat(len(jobs), 1, 1)
-        if "strength" in kwargs and denoised_steps(self.scene.steps, kwargs["strength"], self.family) == 0:
-            # A strength this low leaves no denoising step (steps x strength < 1): the frame is its
-            # start image as it is (strength 0 keeps the image). diffusers would fail or, with some
-            # schedulers, return noise. The whole batch shares the count (see FrameJob.batch_group).
-            return [im.convert("RGB") for im in kwargs["image"]]
         pipe = self._mode_pipe(name)
+        if "strength" in kwargs and not self._timesteps_left(pipe, kwargs["strength"]):
+            # A strength this low leaves the pipeline no timestep at all (steps x strength < 1 with
+            # DDIM, Euler...): diffusers would fail there with a tensor-shape error. The frame is its
+            # start image as it is, as strength 0 keeps the image. (PNDM's schedule repeats its last
+            # timestep, so there diffusers still runs one step, and so do we.)
+            return [im.convert("RGB") for im in kwargs["image"]]
         if "height" in inspect.signature(pipe.__call__).parameters:
             # Some mode pipelines (SD3 img2img) would otherwise resize the init image to their default size.
             kwargs.update(height=self.scene.height, width=self.scene.width)

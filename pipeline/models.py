@@ -39,6 +39,8 @@ from pipeline.checkpoints import (
 from pipeline.keys import file_digest, json_digest
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+# Embedded models with trained weights: they draw what their prompts ask (within their 64 emoji).
+TRAINED_EMBEDDED = frozenset({"demo"})
 RANDOM_WEIGHTS_NOTE = (
     "note: model '{name}' is the embedded test model with RANDOM weights: frames are noise-like patterns. "
     "For real images set 'model:' in the scene (or --model) to a Hugging Face id such as "
@@ -112,6 +114,11 @@ class ModelRef:
     @property
     def is_embedded(self) -> bool:
         return self.kind == "embedded"
+
+    @property
+    def has_random_weights(self) -> bool:
+        """The embedded test models are random; ``demo`` was trained (tools/train_demo_model.py)."""
+        return self.is_embedded and (self.folder is None or self.folder.name not in TRAINED_EMBEDDED)
 
     def scheduler_config(self) -> dict[str, Any]:
         """The model's own scheduler config (JSON), used in keys and to build named schedulers."""

@@ -330,3 +330,11 @@ def test_a_scene_built_through_its_constructor_has_its_timeline(make_env: Any) -
     assert len(plan(walk, make_env())) == 3  # it planned 0 frames without a word before
     with pytest.raises(pydantic.ValidationError, match="increasing frame order"):
         Scene.model_validate({"keyframes": [{"frame": 3, "prompt": "a"}, {"frame": 1, "prompt": "b"}]})
+
+
+def test_only_the_random_embedded_models_get_the_random_weights_note() -> None:
+    from pipeline.models import resolve_model
+
+    assert resolve_model("tiny", ROOT).has_random_weights
+    demo = resolve_model("demo", ROOT)
+    assert demo.is_embedded and not demo.has_random_weights  # trained: it draws its prompts

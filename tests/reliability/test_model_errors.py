@@ -371,7 +371,7 @@ def test_model_option_typo_gets_the_words_of_a_scene_typo(tmp_path: Path) -> Non
     assert (code, heavy) == (2, [])
     message = (
         "'tiny_sdxl' is not an embedded model; did you mean 'tiny-sdxl'? "
-        "embedded: tiny, tiny-depth, tiny-inpaint, tiny-sd3, tiny-sdxl"
+        "embedded: demo, tiny, tiny-depth, tiny-inpaint, tiny-sd3, tiny-sdxl"
     )
     assert err.strip() == f"--model: {message}"
     typo = folder / "typo.yaml"

@@ -27,9 +27,11 @@ writer thread while the renderer draws the next batch.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +46,19 @@ from pipeline.history import frame_status, load_plan, save_plan
 from pipeline.models import ModelError, ModelRef, check_model_spec, resolve_model
 from pipeline.paths import default_cache_dir
 from pipeline.planner import FrameJob, Plan, plan
-from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
+from pipeline.preview import (
+    Draft,
+    PreviewPaths,
+    Sheet,
+    check_frame,
+    clash,
+    draft_scene,
+    needed_jobs,
+    preview_paths,
+    step_of,
+    sub_plan,
+)
+from pipeline.run import CachedFrames, FrameMissing, Progress, Target, check_outputs, readable_frames, run
 from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
 from pipeline.yamlio import Problem, SceneError
 
@@ -107,6 +121,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     record: list[str] = field(default_factory=list)  # the record files written (pipeline.record)
     previous: str | None = None  # where the outputs this run replaced were kept
+    shown: list[int] | None = None  # a preview (pipeline.preview): the frames it shows; None: a final render
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +175,7 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     allow_outside_inputs: bool = False,
     base_dir: str | Path | None = None,
     name: str = "scene",
+    draft: Draft | None = None,
 ) -> Session:
     """Open a scene from a file path, YAML text, or a dict (the parsed form of a scene file).
 
@@ -168,6 +184,8 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     Text and dicts are placed in ``base_dir`` (default: the current folder) as if they were the file
     ``<name>.yaml`` there: their relative input paths and default outputs are read from there.
     Problems are collected, not raised: see :attr:`Session.problems`.
+    ``draft``: the scene with fewer steps and a smaller size (``pipeline.preview.draft_scene``); a
+    draft session renders previews only.
     """
     return Session(
         source,
@@ -180,6 +198,7 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
         allow_outside_inputs=allow_outside_inputs,
         base_dir=Path(base_dir) if base_dir is not None else None,
         name=name,
+        draft=draft,
     )
 
 
@@ -199,8 +218,10 @@ class Session:
         allow_outside_inputs: bool,
         base_dir: Path | None,
         name: str,
+        draft: Draft | None = None,
     ):
         self.model = model
+        self.draft = draft
         self.device = device
         self.batch_size = batch_size
         self.threads = threads
@@ -216,6 +237,11 @@ class Session:
         self._rendered = False
         try:
             self.scene = _load(source, allow_outside_inputs, base_dir, name)
+            if draft is not None:
+                try:  # another scene, with its own keys: the overrides apply before anything is planned
+                    self.scene = draft_scene(self.scene, draft)
+                except ValueError as exc:
+                    self._problems.append(str(exc))
             outputs_dir = (out_dir or self.scene.base_dir / "renders" / self.scene.name).resolve()
             self.out_dir = outputs_dir
             self.targets = check_outputs(self.scene, outputs_dir)
@@ -359,6 +385,7 @@ class Session:
         on_start: Callable[[RenderSetup], None] | None = None,
         command: str | None = None,
         overwrite: bool = False,
+        frames: Sequence[int] | None = None,
     ) -> Report:
         """Render the frames that are not cached, store each as it finishes, write changed outputs.
 
@@ -368,8 +395,16 @@ class Session:
         ``previous/`` there unless ``overwrite``. Raises
         :class:`InputError` (nothing written), :class:`RenderError` (finished frames kept) or
         ``KeyboardInterrupt`` (Ctrl-C: finished frames kept; call again to resume).
+
+        ``frames`` (frame numbers), or a draft session, renders a preview instead
+        (``pipeline.preview``): those frames (all of a draft's by default), with the earlier frames of
+        their feedback chains, into ``preview/`` only; no final output, record or plan history.
         """
         scene = self._require()
+        shown: list[int] | None = None
+        if frames is not None or self.draft is not None:
+            shown = self.shown_frames(frames)
+            paths = self._preview_paths(shown)  # checked before anything is written
         if self._rendered:
             # A session used again (a notebook) reads its model and inputs afresh: files edited since
             # the last render are planned with their new content, not stopped as changed mid-run.
@@ -393,9 +428,12 @@ class Session:
                     p = self._plan = plan(scene, env)
                     self._resolved = (ref, env)
                     cached = readable_frames(cache, p)
-            if cache.readonly and any(j.key not in cached for j in p):
+            todo, targets = p, self.targets
+            if shown is not None:
+                todo, targets = sub_plan(p, needed_jobs(p, shown)), []  # a plain list: no record either
+            if cache.readonly and any(j.key not in cached for j in todo):
                 # Stop before the model loads: nothing rendered could be stored.
-                missing = sum(1 for j in p if j.key not in cached)
+                missing = sum(1 for j in todo if j.key not in cached)
                 raise RenderError(
                     f"the cache in {cache.path} is read-only ({cache.readonly_reason}); {missing} frames "
                     "are not cached and cannot be stored: render into a cache you can write (--cache-dir)"
@@ -404,22 +442,25 @@ class Session:
             if on_start is not None:
                 on_start(setup)
             previous = load_plan(cache.records, scene.path)
-            if (
+            if shown is None and (
                 previous is None
                 or previous.get("keys") != [j.key for j in p]
                 or previous.get("base") != p.base
             ):
                 save_plan(cache.records, scene.path, p)  # what --plan compares against to say why
             started = time.perf_counter()
+            sheet = None
+            if shown is not None:
+                sheet, progress = self._preview_sheet(p, shown, paths, cache, progress)
             try:
                 result = run(
                     scene,
                     env,
                     ref,
-                    p,
+                    todo,
                     cache,
                     cached,
-                    self.targets,
+                    targets,
                     batch_size=self.batch_size,
                     quiet=quiet,
                     make_renderer=lambda: self._make_renderer(renderer, setup),
@@ -433,13 +474,103 @@ class Session:
             except (OSError, sqlite3.Error) as exc:
                 # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
                 raise RenderError(str(exc)) from exc
+            if sheet is not None:
+                assert shown is not None
+                self._finish_preview(result, p, shown, paths, todo, cache, sheet)
         finally:
             cache.close()
         known = set(Report.__dataclass_fields__)
         report = Report(**{k: v for k, v in result.items() if k in known})
         report.seconds = round(time.perf_counter() - started, 3)
         report.threads = self.threads_used
+        report.shown = shown
         return report
+
+    def shown_frames(self, frames: Sequence[int] | None) -> list[int]:
+        """The frames a preview shows (every frame by default), checked: InputError if one is beyond the end."""
+        total = self._require().total_frames
+        if frames is None:
+            return list(range(total))
+        problems, shown = [], []
+        for frame in frames:
+            try:
+                shown.append(check_frame(int(frame), total))
+            except ValueError as exc:
+                problems.append(OptionProblem("--frame", str(exc)))
+        if problems or not shown:
+            raise InputError(problems or [OptionProblem("--frame", "no frame given")])
+        return list(dict.fromkeys(shown))
+
+    def _preview_paths(self, shown: list[int]) -> PreviewPaths:
+        scene = self._require()
+        paths = preview_paths(scene, self.out_dir, shown, scene if self.draft is not None else None)
+        final = clash(paths, [t.path for t in self.targets])
+        if final is not None:
+            raise InputError(
+                [
+                    OptionProblem(
+                        "preview", f"{paths.sheet.parent} would write into the output {final}; use --out"
+                    )
+                ]
+            )
+        return paths
+
+    def _preview_sheet(
+        self, p: Plan, shown: list[int], paths: PreviewPaths, cache: CacheDir, progress: ProgressFn | None
+    ) -> tuple[Sheet, ProgressFn]:
+        """The preview's contact sheet, and a progress callback that rewrites it as its frames are stored."""
+        scene = self._require()
+        sheet = Sheet(paths.sheet, shown, [p[f].key for f in shown], (scene.width, scene.height))
+
+        def load(key: str) -> Any:
+            from PIL import Image
+
+            blob = cache.frames.get(key)
+            if blob is None:
+                raise FrameMissing(key)
+            return Image.open(io.BytesIO(blob))
+
+        sheet.update(list(cache.frames.present(sheet.keys)), load)  # what is cached shows at once
+
+        def told(event: Progress) -> None:
+            if event.keys:
+                # A live view must not stop the render: the sheet is written in full at the end anyway.
+                with contextlib.suppress(Exception):
+                    sheet.update(event.keys, load)
+            if progress is not None:
+                progress(event)
+
+        return sheet, told
+
+    def _finish_preview(
+        self,
+        result: dict[str, Any],
+        p: Plan,
+        shown: list[int],
+        paths: PreviewPaths,
+        todo: Plan,
+        cache: CacheDir,
+        sheet: Sheet,
+    ) -> None:
+        """Complete the contact sheet, write the GIF, and say in ``result`` what the preview was."""
+        from pipeline.assemble import write_output
+
+        scene = self._require()
+        keys = [p[f].key for f in shown]
+        frames = CachedFrames(cache, keys)
+        sheet.update(keys, lambda key: frames[keys.index(key)])
+        if paths.gif is not None:
+            step = step_of(shown)
+            # Frames every `step` play at the pace they have in the final animation.
+            fps = scene.fps / abs(step) if step is not None else scene.fps
+            write_output("gif", paths.gif, frames, fps=fps, loop=0)
+        result["outputs"] = [str(path) for path in paths.all()]
+        result["output_status"] = {str(path): "written" for path in paths.all()}
+        if len(todo) > len(shown):
+            result["notes"].append(
+                f"feedback: {len(todo) - len(shown)} earlier frames of the chains were rendered or read too "
+                "(each feedback frame starts from the one before it); the preview shows only the frames asked for"
+            )
 
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""

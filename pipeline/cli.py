@@ -5,6 +5,8 @@
     python render.py scenes/dog_cat.yaml --plan          # table of frames, cached or why not; no torch
     python render.py scenes/dog_cat.yaml --plan --json   # the same as JSON
     python render.py scenes/dog_cat.yaml                 # render what is missing, write outputs
+    python render.py scenes/dog_cat.yaml --frames 0:64:8 # a preview of those frames, in preview/
+    python render.py scenes/dog_cat.yaml --draft --watch # a draft, rendered again on every save
     python render.py cache info | cache clear --yes      # the cache's size; empty it
 
 Exit codes: 0 done, 1 a failure while rendering, 2 bad input (scene, option, model), 130 interrupted.
@@ -242,20 +244,59 @@ def render_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace changed outputs without keeping the previous ones in previous/."
     ),
+    frames_range: str | None = typer.Option(
+        None,
+        "--frames",
+        help="Preview only these frames, START:STOP:STEP as a Python slice (e.g. 0:64:8), into preview/.",
+    ),
+    frame: list[int] = typer.Option(
+        [], "--frame", help="Preview only this frame (may be given more than once), into preview/."
+    ),
+    draft: bool = typer.Option(
+        False, "--draft", help="Preview a draft: steps/4 and half the size (own keys), into preview/."
+    ),
+    draft_steps: int | None = typer.Option(
+        None, "--draft-steps", help="The draft's steps (implies --draft)."
+    ),
+    draft_size: str | None = typer.Option(
+        None, "--draft-size", help="The draft's size, WIDTHxHEIGHT (implies --draft)."
+    ),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        help="Render, then render again each time the scene or an input is saved; Ctrl-C stops.",
+    ),
 ) -> None:
     """Render a scene: only frames that are not cached are rendered; outputs are rebuilt when they changed."""
     # 1. Check every input before anything loads or is written (pipeline.app does the work).
-    session = api.open(
-        scene_file,
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        threads=threads,
-        cache_dir=cache_dir,
-        out_dir=out_dir,
-        allow_outside_inputs=allow_outside_inputs,
-    )
-    problems = [str(p) for p in session.problems]
+    from pipeline.preview import Draft, parse_frames, parse_size
+
+    problems: list[str] = []
+    wanted: Draft | None = None
+    if draft or draft_steps is not None or draft_size is not None:
+        wanted = Draft(steps=draft_steps)
+        if draft_size is not None:
+            try:
+                width, height = parse_size(draft_size)
+                wanted = Draft(steps=draft_steps, width=width, height=height)
+            except ValueError as exc:
+                problems.append(str(exc))
+    open_options: dict[str, Any] = {
+        "model": model,
+        "device": device,
+        "batch_size": batch_size,
+        "threads": threads,
+        "cache_dir": cache_dir,
+        "out_dir": out_dir,
+        "allow_outside_inputs": allow_outside_inputs,
+        "draft": wanted,
+    }
+    session = api.open(scene_file, **open_options)
+    problems = [str(p) for p in session.problems] + problems
+    if frames_range is not None and frame:
+        problems.append("--frames and --frame: give one or the other")
+    if watch and (plan_only or plot is not None or report is not None):
+        problems.append("--watch renders again on every save; it does not go with --plan, --plot or --report")
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
     if plot is not None:
@@ -263,9 +304,23 @@ def render_command(
 
         if (why := plot_problem(plot)) is not None:
             problems.append(f"--plot: {why}")
+    shown: list[int] | None = list(frame) or None
+    if frames_range is not None and session.scene is not None:
+        try:
+            shown = parse_frames(frames_range, session.scene.total_frames)
+        except ValueError as exc:
+            problems.append(f"--frames: {exc}")
+    if shown is not None and session.scene is not None and not problems:
+        try:
+            session.shown_frames(shown)  # the same check a Python caller gets
+        except api.InputError as exc:
+            problems += [str(p) for p in exc.problems]
     if problems:
         _fail(problems)
     options: dict[str, Any] = ctx.obj or {}
+    if watch:
+        _watch(ctx, scene_file, open_options, shown, quiet=quiet, overwrite=overwrite)
+        return
     try:
         if plot is not None:
             drawn = session.plot(plot)
@@ -275,12 +330,17 @@ def render_command(
         if plan_only:
             status = [f.status for f in session.status()]
             assert session.scene is not None
-            _print_plan(session.scene, session.env, session.plan(), status, as_json)
+            p = session.plan()
+            if shown is not None:  # the rows of the frames asked for
+                from dataclasses import replace
+
+                status, p = [status[f] for f in shown], replace(p, jobs=[p[f] for f in shown])
+            _print_plan(session.scene, session.env, p, status, as_json)
             return
 
         # 2. Render: now the cache may be created and written.
         def on_start(setup: api.RenderSetup) -> None:
-            if setup.ref.is_embedded and not quiet:
+            if setup.ref.has_random_weights and not quiet:
                 typer.echo(RANDOM_WEIGHTS_NOTE.format(name=setup.ref.spec), err=True)
 
         result = session.render(
@@ -289,6 +349,7 @@ def render_command(
             on_start=on_start,
             command=options.get("command") or _command(ctx),
             overwrite=overwrite,
+            frames=shown,
         )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C must not break the clean exit
@@ -305,15 +366,60 @@ def render_command(
             [f"error: {exc}", "frames finished so far are cached; fix the problem and run again to resume"],
             code=1,
         )
-    for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
-    typer.echo(
-        f"{result.frames} frames: {result.rendered} rendered, {result.cached} cached; "
-        f"outputs: {', '.join(f'{o} ({s})' for o, s in result.output_status.items())}"
-    )
+    _summary(result)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def _summary(result: api.Report) -> None:
+    """The notes and the one line a render ends with (a preview says so, and names its files)."""
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    files = ", ".join(f"{o} ({s})" for o, s in result.output_status.items())
+    if result.shown is not None:
+        typer.echo(
+            f"preview of {len(result.shown)} frames: {result.rendered} rendered, {result.cached} cached; "
+            f"preview: {files}"
+        )
+        return
+    typer.echo(
+        f"{result.frames} frames: {result.rendered} rendered, {result.cached} cached; outputs: {files}"
+    )
+
+
+def _watch(
+    ctx: typer.Context,
+    scene_file: Path,
+    open_options: dict[str, Any],
+    shown: list[int] | None,
+    *,
+    quiet: bool,
+    overwrite: bool,
+) -> None:
+    """``--watch``: render now and after every save (``pipeline.watch``). Ctrl-C while waiting for a
+    save stops with exit 0; during a render it stops that render as any Ctrl-C does (exit 130)."""
+    from pipeline.watch import watch
+
+    options: dict[str, Any] = ctx.obj or {}
+
+    def render(session: api.Session) -> api.Report:
+        result = session.render(
+            progress=options.get("progress"),
+            quiet=quiet,
+            command=options.get("command") or _command(ctx),
+            overwrite=overwrite,
+            frames=shown,
+        )
+        _summary(result)
+        return result
+
+    try:
+        watch(scene_file, open_options, render=render, echo=lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        typer.echo("\ninterrupted: every finished frame is cached; watching stopped", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command("schema")

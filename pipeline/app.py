@@ -27,8 +27,6 @@ writer thread while the renderer draws the next batch.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,16 +47,16 @@ from pipeline.planner import FrameJob, Plan, plan
 from pipeline.preview import (
     Draft,
     PreviewPaths,
-    Sheet,
     check_frame,
     clash,
     draft_scene,
+    finish_preview,
+    live_sheet,
     needed_jobs,
     preview_paths,
-    step_of,
     sub_plan,
 )
-from pipeline.run import CachedFrames, FrameMissing, Progress, Target, check_outputs, readable_frames, run
+from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
 from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
 from pipeline.yamlio import Problem, SceneError
 
@@ -451,7 +449,7 @@ class Session:
             started = time.perf_counter()
             sheet = None
             if shown is not None:
-                sheet, progress = self._preview_sheet(p, shown, paths, cache, progress)
+                sheet, progress = live_sheet(paths, p, shown, (scene.width, scene.height), cache, progress)
             try:
                 result = run(
                     scene,
@@ -476,7 +474,7 @@ class Session:
                 raise RenderError(str(exc)) from exc
             if sheet is not None:
                 assert shown is not None
-                self._finish_preview(result, p, shown, paths, todo, cache, sheet)
+                finish_preview(result, scene, p, shown, paths, len(todo), cache, sheet)
         finally:
             cache.close()
         known = set(Report.__dataclass_fields__)
@@ -514,63 +512,6 @@ class Session:
                 ]
             )
         return paths
-
-    def _preview_sheet(
-        self, p: Plan, shown: list[int], paths: PreviewPaths, cache: CacheDir, progress: ProgressFn | None
-    ) -> tuple[Sheet, ProgressFn]:
-        """The preview's contact sheet, and a progress callback that rewrites it as its frames are stored."""
-        scene = self._require()
-        sheet = Sheet(paths.sheet, shown, [p[f].key for f in shown], (scene.width, scene.height))
-
-        def load(key: str) -> Any:
-            from PIL import Image
-
-            blob = cache.frames.get(key)
-            if blob is None:
-                raise FrameMissing(key)
-            return Image.open(io.BytesIO(blob))
-
-        sheet.update(list(cache.frames.present(sheet.keys)), load)  # what is cached shows at once
-
-        def told(event: Progress) -> None:
-            if event.keys:
-                # A live view must not stop the render: the sheet is written in full at the end anyway.
-                with contextlib.suppress(Exception):
-                    sheet.update(event.keys, load)
-            if progress is not None:
-                progress(event)
-
-        return sheet, told
-
-    def _finish_preview(
-        self,
-        result: dict[str, Any],
-        p: Plan,
-        shown: list[int],
-        paths: PreviewPaths,
-        todo: Plan,
-        cache: CacheDir,
-        sheet: Sheet,
-    ) -> None:
-        """Complete the contact sheet, write the GIF, and say in ``result`` what the preview was."""
-        from pipeline.assemble import write_output
-
-        scene = self._require()
-        keys = [p[f].key for f in shown]
-        frames = CachedFrames(cache, keys)
-        sheet.update(keys, lambda key: frames[keys.index(key)])
-        if paths.gif is not None:
-            step = step_of(shown)
-            # Frames every `step` play at the pace they have in the final animation.
-            fps = scene.fps / abs(step) if step is not None else scene.fps
-            write_output("gif", paths.gif, frames, fps=fps, loop=0)
-        result["outputs"] = [str(path) for path in paths.all()]
-        result["output_status"] = {str(path): "written" for path in paths.all()}
-        if len(todo) > len(shown):
-            result["notes"].append(
-                f"feedback: {len(todo) - len(shown)} earlier frames of the chains were rendered or read too "
-                "(each feedback frame starts from the one before it); the preview shows only the frames asked for"
-            )
 
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""

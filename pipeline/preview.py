@@ -16,6 +16,8 @@ record, no ``previous/`` folder.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import math
 import os
@@ -26,7 +28,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache import CacheDir
 from pipeline.planner import FrameJob, Plan
+from pipeline.run import CachedFrames, FrameMissing, Progress
 from pipeline.scene import Scene
 
 PREVIEW_DIR = "preview"
@@ -256,6 +260,69 @@ class Sheet:
         os.replace(partial, self.path)
 
 
+def live_sheet(
+    paths: PreviewPaths,
+    plan: Plan,
+    shown: list[int],
+    size: tuple[int, int],
+    cache: CacheDir,
+    progress: Callable[[Progress], None] | None,
+) -> tuple[Sheet, Callable[[Progress], None]]:
+    """The preview's contact sheet, written now with the frames already cached, and a progress
+    callback (wrapping ``progress``) that rewrites it each time one of its frames is stored."""
+    sheet = Sheet(paths.sheet, shown, [plan[f].key for f in shown], size)
+
+    def load(key: str) -> Any:
+        from PIL import Image
+
+        blob = cache.frames.get(key)
+        if blob is None:
+            raise FrameMissing(key)
+        return Image.open(io.BytesIO(blob))
+
+    sheet.update(list(cache.frames.present(sheet.keys)), load)
+
+    def told(event: Progress) -> None:
+        if event.keys:
+            # A live view must not stop the render: the sheet is written in full at the end anyway.
+            with contextlib.suppress(Exception):
+                sheet.update(event.keys, load)
+        if progress is not None:
+            progress(event)
+
+    return sheet, told
+
+
+def finish_preview(
+    result: dict[str, Any],
+    scene: Scene,
+    plan: Plan,
+    shown: list[int],
+    paths: PreviewPaths,
+    rendered_jobs: int,
+    cache: CacheDir,
+    sheet: Sheet,
+) -> None:
+    """Complete the contact sheet, write the GIF, and say in ``result`` (a run's) what the preview was."""
+    from pipeline.assemble import write_output
+
+    keys = [plan[f].key for f in shown]
+    frames = CachedFrames(cache, keys)
+    sheet.update(keys, lambda key: frames[keys.index(key)])
+    if paths.gif is not None:
+        step = step_of(shown)
+        # Frames every `step` play at the pace they have in the final animation.
+        fps = scene.fps / abs(step) if step is not None else scene.fps
+        write_output("gif", paths.gif, frames, fps=fps, loop=0)
+    result["outputs"] = [str(path) for path in paths.all()]
+    result["output_status"] = {str(path): "written" for path in paths.all()}
+    if rendered_jobs > len(shown):
+        result["notes"].append(
+            f"feedback: {rendered_jobs - len(shown)} earlier frames of the chains were rendered or read too "
+            "(each feedback frame starts from the one before it); the preview shows only the frames asked for"
+        )
+
+
 __all__ = [
     "Draft",
     "PreviewPaths",
@@ -263,7 +330,9 @@ __all__ = [
     "check_frame",
     "clash",
     "draft_scene",
+    "finish_preview",
     "label",
+    "live_sheet",
     "needed_jobs",
     "parse_frames",
     "parse_size",

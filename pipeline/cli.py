@@ -10,6 +10,7 @@
     python render.py cache info | cache clear --yes      # the cache's size; empty it
 
 Exit codes: 0 done, 1 a failure while rendering, 2 bad input (scene, option, model), 130 interrupted.
+``--watch`` stopped by Ctrl-C while waiting for a save exits 0 (during a render: 130).
 Every input is checked before any model loads; bad input prints ``FILE:LINE:COL: ...`` lines.
 """
 

@@ -5,6 +5,7 @@ The tiny model at 32x32 with 2 steps; every wait is bounded (a hung watcher fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = ("--device", "cpu", "--cache-dir")
@@ -119,3 +121,53 @@ def test_watch_renders_on_save_survives_an_invalid_save_and_stops_on_ctrl_c(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class Flat:
+    """A stand-in renderer: a grey frame per job, no model (the loop is what is tested here)."""
+
+    encoded = 0
+
+    def render_batch(self, jobs: list[Any]) -> list[Any]:
+        from PIL import Image
+
+        return [Image.new("RGB", (32, 32), (128, 128, 128)) for _ in jobs]
+
+
+def test_the_watch_loop_is_an_api_that_a_stop_event_ends(tmp_path: Path) -> None:
+    from pipeline.watch import watch
+
+    scene = tmp_path / "s.yaml"
+    scene.write_text(SCENE.replace("PROMPT", "a dog"))
+    said: queue.Queue[str] = queue.Queue()
+    reports: list[Any] = []
+    stop = threading.Event()
+
+    def render(session: Any) -> None:
+        reports.append(session.render(renderer=Flat()))
+        said.put("rendered")
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                if text in said.get(timeout=1):
+                    return
+        raise AssertionError(f"no {text!r} within {WAIT_S}s")
+
+    options = {"cache_dir": tmp_path / "cache", "device": "cpu"}
+    thread = threading.Thread(
+        target=watch, args=(scene, options), kwargs={"render": render, "echo": said.put, "stop": stop}
+    )
+    thread.start()
+    try:
+        wait_for("watching 1 file(s)")
+        _save(scene, SCENE.replace("PROMPT", "a fox"))
+        wait_for("changed: ")
+        wait_for("rendered")
+        wait_for("watching")
+    finally:
+        stop.set()
+        thread.join(timeout=WAIT_S)
+    assert not thread.is_alive()
+    assert [(r.rendered, r.cached) for r in reports] == [(2, 0), (1, 1)]

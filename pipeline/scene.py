@@ -339,15 +339,15 @@ class Scene(_Strict):
         return self._total_frames
 
     @property
-    def width(self) -> int:
-        return self.size[0]
-
-    @property
     def written_keyframe_frames(self) -> list[int]:
         """The frames of the keyframes written in the file (not those a schedule string made)."""
         if self._written_index is None:
             return self._keyframe_frames
         return [f for f, i in zip(self._keyframe_frames, self._written_index, strict=True) if i is not None]
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
 
     @property
     def height(self) -> int:

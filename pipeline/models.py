@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import stat
 import sys
 import warnings
 from collections.abc import MutableMapping
@@ -36,6 +35,7 @@ from pipeline.checkpoints import (
     inspect_checkpoint,
     is_checkpoint_spec,
 )
+from pipeline.inputfiles import path_kind
 from pipeline.keys import file_digest, json_digest
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
@@ -177,7 +177,7 @@ def check_model_spec(spec: str, base_dir: Path) -> str | None:
     shown = _shorten(spec)
     try:
         local = (base_dir / Path(spec).expanduser()).resolve()
-        kind = _path_kind(local)
+        kind = path_kind(local)
     except (OSError, RuntimeError, ValueError) as exc:  # too long, a symlink loop, a NUL byte
         kind = f"unusable: {getattr(exc, 'strerror', None) or exc}"
     if kind.startswith("unusable: "):
@@ -208,23 +208,12 @@ def check_model_spec(spec: str, base_dir: Path) -> str | None:
         return f"folder '{shown}' not found (looked for {_shorten(str(local))})"
     if kind != "folder":
         return f"'{shown}' is not a folder; a model is a diffusers folder with a model_index.json"
-    if _path_kind(local / "model_index.json") != "file":
+    if path_kind(local / "model_index.json") != "file":
         return (
             f"folder '{shown}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))}); "
             "point at a folder saved by diffusers' save_pretrained"
         )
     return None
-
-
-def _path_kind(path: Path) -> str:
-    """'file', 'folder', 'missing', 'other' (a named pipe...), or 'unusable: why' (a name too long)."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    except (OSError, ValueError) as exc:
-        return f"unusable: {getattr(exc, 'strerror', None) or exc}"
-    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -256,7 +245,7 @@ def resolve_model(
         raise ModelError(f"model {problem}")
     options_dir = scene_dir or base_dir
     local = (base_dir / Path(spec).expanduser()).resolve() if spec not in embedded_models() else None
-    if local is not None and is_checkpoint_spec(spec) and _path_kind(local) == "file":
+    if local is not None and is_checkpoint_spec(spec) and path_kind(local) == "file":
         from pipeline.singlefile import resolve_checkpoint
 
         ref = resolve_checkpoint(spec, local, config, options_dir, memo, keep_vae=vae is None)

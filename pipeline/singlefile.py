@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import Layout, checkpoint_tensors, inspect_checkpoint, is_checkpoint_spec
+from pipeline.inputfiles import path_kind
 from pipeline.keys import file_digest, json_digest
 from pipeline.models import (
     _COMMIT,
@@ -32,7 +33,6 @@ from pipeline.models import (
     VaeRef,
     _component_files,
     _digest_and_stamp,
-    _path_kind,
     _read_index,
     _shorten,
     check_model_spec,
@@ -96,11 +96,11 @@ def config_folder(config: str | None, layout: Layout, base_dir: Path, *, downloa
     shown = _shorten(config)
     try:
         local = (base_dir / Path(config).expanduser()).resolve()
-        kind = _path_kind(local)
+        kind = path_kind(local)
     except (OSError, RuntimeError, ValueError) as exc:
         return f"'{shown}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
     if kind == "folder":
-        if _path_kind(local / "model_index.json") != "file":
+        if path_kind(local / "model_index.json") != "file":
             return f"folder '{shown}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))})"
         return local
     if kind == "missing" and HF_ID.match(config) and not config.startswith((".", "/", "~")):
@@ -145,7 +145,7 @@ def check_checkpoint_options(
     """The problems of a scene's ``config:`` with its ``model:``, as (field, message); torch-free, no network."""
     local = (model_dir / Path(spec).expanduser()) if spec not in embedded_models() else None
     try:
-        is_file = local is not None and is_checkpoint_spec(spec) and _path_kind(local.resolve()) == "file"
+        is_file = local is not None and is_checkpoint_spec(spec) and path_kind(local.resolve()) == "file"
     except (OSError, RuntimeError, ValueError):
         is_file = False
     if not is_file:
@@ -245,7 +245,7 @@ def check_vae_spec(spec: str, base_dir: Path) -> str | None:
     shown = _shorten(spec)
     try:
         local = (base_dir / Path(spec).expanduser()).resolve()
-        kind = _path_kind(local)
+        kind = path_kind(local)
     except (OSError, RuntimeError, ValueError) as exc:
         return f"'{shown}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
     if kind.startswith("unusable: "):
@@ -303,7 +303,7 @@ def resolve_vae(spec: str, base_dir: Path, model: ModelRef, memo: MutableMapping
     if problem:
         raise ModelError(f"vae {problem}")
     local = (base_dir / Path(spec).expanduser()).resolve()
-    kind = _path_kind(local)
+    kind = path_kind(local)
     if kind == "file":
         digest, model.stamps[str(local)] = _digest_and_stamp(local, memo)
         # Converted with the model's own VAE config: that config is part of what it renders with.

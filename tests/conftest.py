@@ -101,3 +101,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if item.get_closest_marker("network") and os.environ.get("SD_SCENES_NETWORK") != "1":
             item.add_marker(pytest.mark.skip(reason="needs a model download; set SD_SCENES_NETWORK=1"))
+
+
+class CountingRenderer:
+    """A renderer factory for ``Session.render(renderer=...)``: wraps the real renderer (so the real
+    path renders) and records every frame key it is asked for, in order."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def __call__(self, setup: Any) -> Any:
+        real = setup.default()
+        outer = self
+
+        class Wrapped:
+            @property
+            def encoded(self) -> int:
+                return real.encoded
+
+            def render_batch(self, jobs: list[Any]) -> list[Any]:
+                outer.keys += [job.key for job in jobs]
+                return real.render_batch(jobs)
+
+        return Wrapped()

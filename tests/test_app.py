@@ -16,8 +16,9 @@ import pytest
 
 import pipeline
 from pipeline import paths
-from pipeline.app import InputError, Progress, RenderSetup
+from pipeline.app import InputError, Progress
 from pipeline.yamlio import Problem
+from tests.conftest import CountingRenderer as Counting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,28 +41,6 @@ WALK: dict[str, Any] = {
     "walk": {"prompt": "a dog", "frames": 4, "step_size": 0.5},
     "outputs": ["walk.gif"],
 }
-
-
-class Counting:
-    """A renderer factory that wraps the real renderer and records every frame key it is asked for."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-
-    def __call__(self, setup: RenderSetup) -> Any:
-        real = setup.default()
-        outer = self
-
-        class Wrapped:
-            @property
-            def encoded(self) -> int:
-                return real.encoded
-
-            def render_batch(self, jobs: list[Any]) -> list[Any]:
-                outer.keys += [job.key for job in jobs]
-                return real.render_batch(jobs)
-
-        return Wrapped()
 
 
 def _open(source: Any, tmp_path: Path, **kw: Any) -> pipeline.Session:

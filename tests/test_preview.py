@@ -15,10 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline
-from pipeline.app import InputError, RenderSetup
+from pipeline.app import InputError
 from pipeline.cache import CacheDir
 from pipeline.cli import app as cli_app
 from pipeline.preview import Draft, label, needed_jobs, parse_frames
+from tests.conftest import CountingRenderer as Counting
 
 SCENE = """\
 model: tiny
@@ -41,28 +42,6 @@ keyframes:
   - {frame: 5, prompt: a cat in a field}
 outputs: [out.gif]
 """
-
-
-class Counting:
-    """A renderer factory around the real renderer that records every key it is asked to render."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-
-    def __call__(self, setup: RenderSetup) -> Any:
-        real = setup.default()
-        outer = self
-
-        class Wrapped:
-            @property
-            def encoded(self) -> int:
-                return real.encoded
-
-            def render_batch(self, jobs: list[Any]) -> list[Any]:
-                outer.keys += [job.key for job in jobs]
-                return real.render_batch(jobs)
-
-        return Wrapped()
 
 
 def _scene(tmp_path: Path, text: str = SCENE) -> Path:

@@ -401,7 +401,7 @@ def test_model_option_that_cannot_render_the_scenes_mode_is_named(tmp_path: Path
         ("tiny", None),
         ("owner/name", None),
         ("tiny-xl", "'tiny-xl' is not an embedded model; did you mean 'tiny-sdxl'? embedded: "),
-        ("hello", "'hello' is neither an embedded model (tiny, "),
+        ("hello", "'hello' is neither an embedded model (demo, tiny, "),
         ("./nothere", "folder './nothere' not found (looked for "),
         ("a\0b", "'a\\x00b' is not a usable path ("),
         ("x" * 5000, "' is not a usable path ("),

@@ -41,7 +41,14 @@ from pipeline.claims import live_claims
 from pipeline.cpu import choose_threads
 from pipeline.environment import RenderEnv, resolve_env
 from pipeline.history import frame_status, load_plan, save_plan
-from pipeline.models import ModelError, ModelRef, check_model_spec, resolve_model
+from pipeline.models import (
+    ModelError,
+    ModelRef,
+    check_model_spec,
+    load_pipeline,
+    resolve_model,
+    torch_device,
+)
 from pipeline.paths import default_cache_dir
 from pipeline.planner import FrameJob, Plan, plan
 from pipeline.preview import (
@@ -150,8 +157,7 @@ class RenderSetup:
     threads: int | None = None  # CPU threads to render with: None auto, 0 torch's default
 
     def default(self) -> BatchRenderer:
-        from pipeline.models import load_pipeline  # imports torch: only when a frame must render
-        from pipeline.renderer import FrameRenderer, configure
+        from pipeline.renderer import FrameRenderer, configure  # imports torch: only when a frame renders
 
         env = self.env
         pipe = configure(load_pipeline(self.ref, device=env.device, dtype=env.dtype), self.scene)
@@ -418,8 +424,6 @@ class Session:
                 cache.records.put_json(record_key("file-digests"), self._memo_changes)
             if self.device == "auto" and any(j.key not in cached for j in p):
                 # Rendering imports torch anyway: let it confirm the device guessed without it.
-                from pipeline.models import torch_device
-
                 actual = torch_device()
                 if actual != env.device:
                     env = resolve_env(scene, device=actual, ref=ref)

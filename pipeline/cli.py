@@ -20,6 +20,7 @@ import json
 import shlex
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,8 +33,10 @@ from pipeline.environment import RenderEnv
 from pipeline.models import RANDOM_WEIGHTS_NOTE
 from pipeline.paths import default_cache_dir
 from pipeline.planner import Plan
+from pipeline.preview import Draft, parse_frames, parse_size
 from pipeline.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
 from pipeline.scene import Scene
+from pipeline.yamlio import SceneError
 
 DEFAULT_CACHE = default_cache_dir()
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -270,8 +273,6 @@ def render_command(
 ) -> None:
     """Render a scene: only frames that are not cached are rendered; outputs are rebuilt when they changed."""
     # 1. Check every input before anything loads or is written (pipeline.app does the work).
-    from pipeline.preview import Draft, parse_frames, parse_size
-
     problems: list[str] = []
     wanted: Draft | None = None
     if draft or draft_steps is not None or draft_size is not None:
@@ -333,8 +334,6 @@ def render_command(
             assert session.scene is not None
             p = session.plan()
             if shown is not None:  # the rows of the frames asked for
-                from dataclasses import replace
-
                 status, p = [status[f] for f in shown], replace(p, jobs=[p[f] for f in shown])
             _print_plan(session.scene, session.env, p, status, as_json)
             return
@@ -443,7 +442,6 @@ def import_command(
 ) -> None:
     """Turn a Parseq export or a Deforum settings file into a scene YAML, and say what it could not carry over."""
     from pipeline.importer import ImportFailed, convert
-    from pipeline.yamlio import SceneError
 
     target = out or source.with_suffix(".yaml")
     try:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from pipeline import _API
 from pipeline.cache import CacheDir, CacheUnavailable, record_key
 from pipeline.claims import live_claims
 from pipeline.cpu import choose_threads
@@ -65,7 +66,7 @@ from pipeline.preview import (
 )
 from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
 from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
-from pipeline.yamlio import Problem, SceneError
+from pipeline.yamlio import SceneError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -582,16 +583,4 @@ def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
         raise InputError([f"--cache-dir: {exc}", exc.hint()]) from None
 
 
-__all__ = [
-    "BatchRenderer",
-    "FrameStatus",
-    "InputError",
-    "OptionProblem",
-    "Problem",
-    "Progress",
-    "RenderError",
-    "RenderSetup",
-    "Report",
-    "Session",
-    "open",
-]
+__all__ = list(_API)  # the names pipeline/__init__.py exports, listed once there

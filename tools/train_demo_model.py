@@ -912,15 +912,6 @@ class Trainer:
 # --------------------------------------------------------------------------------------
 
 
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    for logging in (diffusers.utils.logging, transformers.utils.logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -966,6 +957,9 @@ def main(argv: list[str] | None = None) -> None:
         make_atlas()
         return
     import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from make_tiny_models import _quiet_libraries  # one way to silence diffusers and transformers
 
     _quiet_libraries()
     if args.command == "train":

@@ -126,7 +126,7 @@ def ours(
 ) -> float:
     """Seconds for ``frames`` frames through ``Session.render`` (model load excluded: injected)."""
     import pipeline
-    from pipeline.renderer import FrameRenderer
+    from pipeline.render.renderer import FrameRenderer
 
     scene = {
         "model": str(folder),
@@ -165,7 +165,7 @@ def naive(pipe: Any, frames: int, size: int, steps: int) -> float:
     """The peer-tool loop: prompts encoded and one diffusers call per frame, PNG-encoded."""
     import torch
 
-    from pipeline.interpolate import slerp
+    from pipeline.render.interpolate import slerp
 
     device = pipe.device
     torch.set_grad_enabled(False)  # as inside the pipeline call

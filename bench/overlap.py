@@ -95,9 +95,9 @@ def main() -> None:
     batch = int(arg("--batch", 4))
     ms = arg("--ms", 50.0)
     import pipeline
-    import pipeline.run
+    import pipeline.render.loop
 
-    pngs = not hasattr(pipeline.run, "encode_png")  # a driver that wants PNG bytes from the renderer
+    pngs = not hasattr(pipeline.render.loop, "encode_png")  # a driver that wants PNG bytes from the renderer
     c.header(
         f"overlap: stand-in device at {ms:g} ms/frame, {frames} frames of 512x512, batch {batch}, "
         f"renderer returns {'PNG bytes' if pngs else 'images'}"

@@ -22,8 +22,8 @@ libyaml's) and ``plan``, median of 3 each.
     /work/venv/bin/python bench/plan_100k.py [--quick]      # --quick: 10,000 frames, 3 / 2 repeats
 
 ``--against FILE`` also times another planner module on both scenes, alternating with this one in
-the same process, and prints the ratio (an older ``pipeline/planner.py``, taken with
-``git show REV:pipeline/planner.py > /tmp/planner_old.py``; it must work with today's other modules).
+the same process, and prints the ratio (an older ``pipeline/plan/planner.py``, taken with
+``git show REV:pipeline/plan/planner.py > /tmp/planner_old.py``; it must work with today's other modules).
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from typing import Any
 
 import _common as c
 
-from pipeline import yamlio
-from pipeline.environment import RenderEnv, resolve_env
-from pipeline.planner import plan
-from pipeline.scene import load_scene
+from pipeline.plan.planner import plan
+from pipeline.render.environment import RenderEnv, resolve_env
+from pipeline.scene.core import load_scene, yamlio
 
 ENV = RenderEnv(
     model="tiny",

@@ -7,7 +7,7 @@ prompt), tiny model, 8 steps, N frames (32; 16 with ``--quick``), at 64x64 and 2
   both keyframe prompts and of the negative prompt, ``slerp``, then ``pipe(prompt_embeds=...,
   negative_prompt_embeds=..., latents=..., num_inference_steps=8, guidance_scale=7, height, width)``,
   and the frame encoded to PNG (peer tools save every frame too).
-- ours: ``plan`` + ``pipeline.run.run(scene, env, ref, plan, cache, cached=set(), targets=[],
+- ours: ``plan`` + ``pipeline.render.loop.run(scene, env, ref, plan, cache, cached=set(), targets=[],
   batch_size=B)``: the project's own driver (``FrameRenderer`` batches, each frame put into the frame
   cache as it finishes), from an EMPTY temporary cache dir (so the two prompt embeddings and the
   negative one are encoded once and stored), batch sizes 1, 4 and 8. No outputs are written.
@@ -15,7 +15,7 @@ prompt), tiny model, 8 steps, N frames (32; 16 with ``--quick``), at 64x64 and 2
   0 frames rendered.
 
 The pipeline is loaded ONCE per size, outside every timing (model load is excluded from both naive
-and ours; its time is printed apart: ``pipeline.models.load_pipeline`` is patched to return that
+and ours; its time is printed apart: ``pipeline.render.models.load_pipeline`` is patched to return that
 pipeline), and one untimed warm-up call is made first. Each round runs
 naive, ours b=1, b=4, b=8 (and warm) back to back; the table shows the median over the rounds
 (3; 1 with ``--quick``) of frames per second, and ours/naive as the ratio of those medians. The last
@@ -89,8 +89,8 @@ def ours(path, pipe, cache_dir, batch: int, cold: bool) -> tuple[int, list[bytes
     Returns (frames rendered, the PNG of every frame).
     """
     import pipeline
-    from pipeline.cache import CacheDir
-    from pipeline.renderer import FrameRenderer
+    from pipeline.render.renderer import FrameRenderer
+    from pipeline.store.cache import CacheDir
 
     session = pipeline.open(path, device="cpu", batch_size=batch, cache_dir=cache_dir)
     report = session.render(
@@ -118,11 +118,11 @@ def main() -> None:
     import torch
 
     c.threads()
-    from pipeline.interpolate import slerp
-    from pipeline.models import load_pipeline, resolve_model
-    from pipeline.renderer import configure
-    from pipeline.run import encode_png
-    from pipeline.scene import load_scene
+    from pipeline.render.interpolate import slerp
+    from pipeline.render.loop import encode_png
+    from pipeline.render.models import load_pipeline, resolve_model
+    from pipeline.render.renderer import configure
+    from pipeline.scene.core import load_scene
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []

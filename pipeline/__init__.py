@@ -10,7 +10,7 @@ The Python API (see ``pipeline.app`` and the README's "Python API" section)::
     first = session.frames()[0]                      # a PIL image
 
 Nothing imported by this package's top level pulls in torch; the API's names are loaded on first
-use, so ``import pipeline.keys`` (say) stays as light as that module.
+use, so ``import pipeline.plan.keys`` (say) stays as light as that module.
 """
 
 from __future__ import annotations

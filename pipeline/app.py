@@ -13,10 +13,10 @@ go through this API; nothing else strings the stages together.
     report = session.render(progress=print)             # renders what is missing, writes outputs
     images = session.frames()                            # the frames as PIL images
 
-A frame travels: ``open`` validates the scene (``pipeline.scene``) and its outputs (``pipeline.run``)
--> ``plan`` resolves the model and environment without torch (``pipeline.environment``) and expands the
-scene into keyed jobs (``pipeline.planner``) -> ``render`` renders the jobs not in the cache
-(``pipeline.run.Renders`` with ``pipeline.renderer``) and writes the outputs (``pipeline.assemble``).
+A frame travels: ``open`` validates the scene (``pipeline.scene.core``) and its outputs (``pipeline.render.loop``)
+-> ``plan`` resolves the model and environment without torch (``pipeline.render.environment``) and expands the
+scene into keyed jobs (``pipeline.plan.planner``) -> ``render`` renders the jobs not in the cache
+(``pipeline.render.loop.Renders`` with ``pipeline.render.renderer``) and writes the outputs (``pipeline.outputs.assemble``).
 
 Every input is checked before any model loads, and nothing is written until every input has passed.
 A renderer can be injected (``session.render(renderer=...)``): an object with ``render_batch(jobs) ->
@@ -37,22 +37,8 @@ from typing import Any, Protocol
 import yaml
 
 from pipeline import _API
-from pipeline.cache import CacheDir, CacheUnavailable, record_key
-from pipeline.claims import live_claims
 from pipeline.cpu import choose_threads
-from pipeline.environment import RenderEnv, resolve_env
-from pipeline.history import frame_status, load_plan, save_plan
-from pipeline.models import (
-    ModelError,
-    ModelRef,
-    check_model_spec,
-    load_pipeline,
-    resolve_model,
-    torch_device,
-)
-from pipeline.paths import default_cache_dir
-from pipeline.planner import FrameJob, Plan, plan
-from pipeline.preview import (
+from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
     check_frame,
@@ -64,9 +50,23 @@ from pipeline.preview import (
     preview_paths,
     sub_plan,
 )
-from pipeline.run import CachedFrames, Progress, Target, check_outputs, readable_frames, run
-from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
-from pipeline.yamlio import SceneError
+from pipeline.paths import default_cache_dir
+from pipeline.plan.history import frame_status, load_plan, save_plan
+from pipeline.plan.planner import FrameJob, Plan, plan
+from pipeline.render.environment import RenderEnv, resolve_env
+from pipeline.render.loop import CachedFrames, Progress, Target, check_outputs, readable_frames, run
+from pipeline.render.models import (
+    ModelError,
+    ModelRef,
+    check_model_spec,
+    load_pipeline,
+    resolve_model,
+    torch_device,
+)
+from pipeline.scene.core import Scene, check_against_model, load_scene, parse_scene
+from pipeline.scene.yamlio import SceneError
+from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.store.claims import live_claims
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -125,9 +125,11 @@ class Report:
     seconds: float = 0.0
     threads: int | None = None  # CPU threads torch rendered with (None: nothing rendered on the CPU)
     notes: list[str] = field(default_factory=list)
-    record: list[str] = field(default_factory=list)  # the record files written (pipeline.record)
+    record: list[str] = field(default_factory=list)  # the record files written (pipeline.outputs.record)
     previous: str | None = None  # where the outputs this run replaced were kept
-    shown: list[int] | None = None  # a preview (pipeline.preview): the frames it shows; None: a final render
+    shown: list[int] | None = (
+        None  # a preview (pipeline.outputs.preview): the frames it shows; None: a final render
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +139,7 @@ class BatchRenderer(Protocol):
     """Renders frames of one plan: an image per job, in order. ``encoded`` counts embeddings encoded.
 
     An image is a PIL image (RGB), an HxWx3 uint8 array, or PNG bytes; the run encodes the first two
-    as PNG (``pipeline.run.encode_png``) in its writer thread, overlapping the next ``render_batch``.
+    as PNG (``pipeline.render.loop.encode_png``) in its writer thread, overlapping the next ``render_batch``.
     The jobs of one call share their ``FrameJob.batch_group``.
     """
 
@@ -158,7 +160,10 @@ class RenderSetup:
     threads: int | None = None  # CPU threads to render with: None auto, 0 torch's default
 
     def default(self) -> BatchRenderer:
-        from pipeline.renderer import FrameRenderer, configure  # imports torch: only when a frame renders
+        from pipeline.render.renderer import (  # imports torch: only when a frame renders
+            FrameRenderer,
+            configure,
+        )
 
         env = self.env
         pipe = configure(load_pipeline(self.ref, device=env.device, dtype=env.dtype), self.scene)
@@ -189,7 +194,7 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     Text and dicts are placed in ``base_dir`` (default: the current folder) as if they were the file
     ``<name>.yaml`` there: their relative input paths and default outputs are read from there.
     Problems are collected, not raised: see :attr:`Session.problems`.
-    ``draft``: the scene with fewer steps and a smaller size (``pipeline.preview.draft_scene``); a
+    ``draft``: the scene with fewer steps and a smaller size (``pipeline.outputs.preview.draft_scene``); a
     draft session renders previews only.
     """
     return Session(
@@ -375,7 +380,7 @@ class Session:
     def plot(self, path: str | Path) -> list[str]:
         """Write the plot of every keyframed value over the frames (PNG or SVG by suffix) without
         loading a model or importing torch; returns the names of the values that change."""
-        from pipeline.plot import scene_plot
+        from pipeline.outputs.plot import scene_plot
 
         self._require()
         return scene_plot(self, Path(path))
@@ -402,7 +407,7 @@ class Session:
         ``KeyboardInterrupt`` (Ctrl-C: finished frames kept; call again to resume).
 
         ``frames`` (frame numbers), or a draft session, renders a preview instead
-        (``pipeline.preview``): those frames (all of a draft's by default), with the earlier frames of
+        (``pipeline.outputs.preview``): those frames (all of a draft's by default), with the earlier frames of
         their feedback chains, into ``preview/`` only; no final output, record or plan history.
         """
         scene = self._require()

@@ -28,15 +28,15 @@ import typer
 
 from pipeline import __version__
 from pipeline import app as api
-from pipeline.cache import STORE_NAMES, CacheDir, CacheUnavailable
-from pipeline.environment import RenderEnv
-from pipeline.models import RANDOM_WEIGHTS_NOTE
+from pipeline.outputs.preview import Draft, parse_frames, parse_size
 from pipeline.paths import default_cache_dir
-from pipeline.planner import Plan
-from pipeline.preview import Draft, parse_frames, parse_size
-from pipeline.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
-from pipeline.scene import Scene
-from pipeline.yamlio import SceneError
+from pipeline.plan.planner import Plan
+from pipeline.plan.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
+from pipeline.render.environment import RenderEnv
+from pipeline.render.models import RANDOM_WEIGHTS_NOTE
+from pipeline.scene.core import Scene
+from pipeline.scene.yamlio import SceneError
+from pipeline.store.cache import STORE_NAMES, CacheDir, CacheUnavailable
 
 DEFAULT_CACHE = default_cache_dir()
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -302,7 +302,7 @@ def render_command(
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
     if plot is not None:
-        from pipeline.plot import plot_problem
+        from pipeline.outputs.plot import plot_problem
 
         if (why := plot_problem(plot)) is not None:
             problems.append(f"--plot: {why}")
@@ -425,7 +425,7 @@ def _watch(
 @app.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of the scene format (scenes/scene.schema.json is this, for editors)."""
-    from pipeline.schema import schema_text
+    from pipeline.scene.editor_schema import schema_text
 
     typer.echo(schema_text(), nl=False)
 
@@ -441,7 +441,7 @@ def import_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the scene file if it exists."),
 ) -> None:
     """Turn a Parseq export or a Deforum settings file into a scene YAML, and say what it could not carry over."""
-    from pipeline.importer import ImportFailed, convert
+    from pipeline.scene.importer import ImportFailed, convert
 
     target = out or source.with_suffix(".yaml")
     try:

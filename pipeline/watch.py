@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import app as api
-from pipeline.environment import input_files
+from pipeline.render.environment import input_files
 
 Echo = Callable[[str], None]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.environment import RenderEnv
-from pipeline.planner import Plan, plan
-from pipeline.scene import parse_scene
+from pipeline.plan.planner import Plan, plan
+from pipeline.render.environment import RenderEnv
+from pipeline.scene.core import parse_scene
 
 ENV_DEFAULTS: dict[str, Any] = {
     "model": "tiny",

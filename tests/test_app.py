@@ -17,7 +17,7 @@ import pytest
 import pipeline
 from pipeline import paths
 from pipeline.app import InputError, Progress
-from pipeline.yamlio import Problem
+from pipeline.scene.yamlio import Problem
 from tests.conftest import CountingRenderer as Counting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def test_help_version_and_usage_lines() -> None:
 
 def test_the_data_stages_import_no_torch() -> None:
     code = (
-        "import sys; import pipeline, pipeline.app, pipeline.scene, pipeline.planner, pipeline.assemble, "
+        "import sys; import pipeline, pipeline.app, pipeline.scene.core, pipeline.plan.planner, pipeline.outputs.assemble, "
         "pipeline.cli; pipeline.open; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
@@ -299,8 +299,8 @@ def test_a_session_rendered_again_after_an_input_edit_uses_the_new_content(tmp_p
 def test_a_scene_built_through_its_constructor_has_its_timeline(make_env: Any) -> None:
     import pydantic
 
-    from pipeline.planner import plan
-    from pipeline.scene import Scene
+    from pipeline.plan.planner import plan
+    from pipeline.scene.core import Scene
 
     morph = Scene.model_validate({"keyframes": [{"frame": 0, "prompt": "a"}, {"frame": 4, "prompt": "b"}]})
     assert (morph.total_frames, morph.keyframe_frames) == (5, [0, 4])
@@ -312,7 +312,7 @@ def test_a_scene_built_through_its_constructor_has_its_timeline(make_env: Any) -
 
 
 def test_only_the_random_embedded_models_get_the_random_weights_note() -> None:
-    from pipeline.models import resolve_model
+    from pipeline.render.models import resolve_model
 
     assert resolve_model("tiny", ROOT).has_random_weights
     demo = resolve_model("demo", ROOT)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.assemble: exact frame counts, streaming, and atomic writes."""
+"""Tests for pipeline.outputs.assemble: exact frame counts, streaming, and atomic writes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.assemble import (
+from pipeline.outputs.assemble import (
     OUTPUT_KINDS,
     atomic_output,
     clean_partials,
@@ -477,7 +477,7 @@ def test_write_output_cleans_dead_partials(tmp_path: Path) -> None:
 
 
 def test_import_does_not_pull_in_torch_or_imageio() -> None:
-    code = "import sys, pipeline.assemble; print('torch' in sys.modules, 'imageio' in sys.modules)"
+    code = "import sys, pipeline.outputs.assemble; print('torch' in sys.modules, 'imageio' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )

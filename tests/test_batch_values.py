@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 import pipeline
-from pipeline.cache import CacheDir
-from pipeline.environment import resolve_env
-from pipeline.interpolate import conditioning
-from pipeline.models import load_pipeline, resolve_model
-from pipeline.planner import denoised_steps, plan
-from pipeline.renderer import FrameRenderer, PerFrameGuidance, _denoiser, configure, injected_noise
-from pipeline.scene import load_scene
+from pipeline.plan.planner import denoised_steps, plan
+from pipeline.render.environment import resolve_env
+from pipeline.render.interpolate import conditioning
+from pipeline.render.models import load_pipeline, resolve_model
+from pipeline.render.renderer import FrameRenderer, PerFrameGuidance, _denoiser, configure, injected_noise
+from pipeline.scene.core import load_scene
+from pipeline.store.cache import CacheDir
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = ROOT / "scenes" / "inputs"
@@ -309,7 +309,7 @@ def test_the_writer_keeps_what_it_stored_pending_until_the_driver_collects_it() 
     import time
     from types import SimpleNamespace
 
-    from pipeline.run import _Writer
+    from pipeline.render.loop import _Writer
 
     stored = threading.Event()
     writer = _Writer(lambda job, png: stored.set())

@@ -1,4 +1,4 @@
-"""Tests for pipeline.cache: round trips, integrity envelope, no unpickling, no eviction, concurrency."""
+"""Tests for pipeline.store.cache: round trips, integrity envelope, no unpickling, no eviction, concurrency."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from pathlib import Path
 import diskcache
 import pytest
 
-import pipeline.cache as cache_mod
-from pipeline.cache import (
+import pipeline.store.cache as cache_mod
+from pipeline.plan.keys import canonical_json
+from pipeline.store.cache import (
     ENVELOPE_MAGIC,
     CacheDir,
     CacheWarning,
@@ -27,7 +28,6 @@ from pipeline.cache import (
     check_key,
     record_key,
 )
-from pipeline.keys import canonical_json
 
 BIG = 100_000  # > diskcache's default min_file_size (32 KiB): stored in its own value file
 
@@ -274,9 +274,12 @@ def test_pickled_keys_are_invisible(tmp_path: Path) -> None:
 
 def corrupt_read(store: Store, key: str, match: str, caplog) -> None:
     """Reading `key` warns (CacheWarning + log), returns None, and removes the entry."""
-    with caplog.at_level(logging.WARNING, logger="pipeline.cache"), pytest.warns(CacheWarning, match=match):
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.store.cache"),
+        pytest.warns(CacheWarning, match=match),
+    ):
         assert store.get(key) is None
-    assert any(r.name == "pipeline.cache" and r.levelno == logging.WARNING for r in caplog.records)
+    assert any(r.name == "pipeline.store.cache" and r.levelno == logging.WARNING for r in caplog.records)
     assert key not in store
     # A second read is a plain miss: nothing left to warn about.
     assert store.get(key) is None
@@ -508,7 +511,7 @@ def test_cachedir_creates_nested_directory(tmp_path: Path) -> None:
 
 def test_module_imports_no_heavy_dependencies() -> None:
     code = (
-        "import sys, pipeline.cache\n"
+        "import sys, pipeline.store.cache\n"
         "heavy = {'torch', 'numpy', 'PIL', 'diffusers', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

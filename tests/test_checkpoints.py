@@ -18,9 +18,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import pipeline
-from pipeline.checkpoints import inspect_checkpoint
-from pipeline.models import EMBEDDED_DIR, ModelError, ModelRef, load_pipeline, resolve_model
-from pipeline.yamlio import Problem
+from pipeline.render.checkpoints import inspect_checkpoint
+from pipeline.render.models import EMBEDDED_DIR, ModelError, ModelRef, load_pipeline, resolve_model
+from pipeline.scene.yamlio import Problem
 from tests._ldm_layout import to_single_file, vae_to_ldm
 
 SCENE: dict[str, Any] = {
@@ -477,7 +477,7 @@ def test_planning_a_single_file_model_with_a_vae_imports_no_torch(files: Path, t
 
 
 def test_a_checkpoint_or_vae_file_changed_after_planning_stops_the_run(files: Path, tmp_path: Path) -> None:
-    from pipeline.models import InputChanged, check_unchanged
+    from pipeline.render.models import InputChanged, check_unchanged
 
     shutil.copy(files / "tiny.safetensors", tmp_path / "m.safetensors")
     vae = _other_vae(tmp_path)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheDir, Store
-from pipeline.claims import LEASE_S, Claims, frame_ranges, live_claims
-from pipeline.history import frame_status
+from pipeline.plan.history import frame_status
+from pipeline.store.cache import CacheDir, Store
+from pipeline.store.claims import LEASE_S, Claims, frame_ranges, live_claims
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4)]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheDir
 from pipeline.cli import DEFAULT_CACHE, main
 from pipeline.paths import PROJECT_ROOT
+from pipeline.store.cache import CacheDir
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

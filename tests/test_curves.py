@@ -1,4 +1,4 @@
-"""Tests for pipeline.curves: exact endpoints, pinned easings.net values, cubic_bezier, parsing."""
+"""Tests for pipeline.plan.curves: exact endpoints, pinned easings.net values, cubic_bezier, parsing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.curves import CURVES, cubic_bezier, curve_names, ease, parse_curve
+from pipeline.plan.curves import CURVES, cubic_bezier, curve_names, ease, parse_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,6 +275,8 @@ def test_unknown_curve_without_suggestion() -> None:
 
 
 def test_does_not_import_torch_or_numpy() -> None:
-    code = "import pipeline.curves, sys; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = (
+        "import pipeline.plan.curves, sys; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.assemble import rubber_band
-from pipeline.cache import CacheDir
-from pipeline.environment import resolve_env
-from pipeline.planner import plan
-from pipeline.scene import load_scene, output_kind
+from pipeline.outputs.assemble import rubber_band
+from pipeline.plan.planner import plan
+from pipeline.render.environment import resolve_env
+from pipeline.scene.core import load_scene, output_kind
+from pipeline.store.cache import CacheDir
 from tests.conftest import run_render
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheDir
-from pipeline.environment import resolve_env
-from pipeline.models import load_pipeline, resolve_model
-from pipeline.planner import plan
-from pipeline.renderer import FrameRenderer, configure
-from pipeline.scene import load_scene
+from pipeline.plan.planner import plan
+from pipeline.render.environment import resolve_env
+from pipeline.render.models import load_pipeline, resolve_model
+from pipeline.render.renderer import FrameRenderer, configure
+from pipeline.scene.core import load_scene
 from pipeline.schedulers import SCHEDULERS, scheduler_names
+from pipeline.store.cache import CacheDir
 from tests.conftest import run_render
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.importer import convert
-from pipeline.scene import parse_scene
+from pipeline.scene.core import parse_scene
+from pipeline.scene.importer import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

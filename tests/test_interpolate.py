@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.interpolate import conditioning, grid_rows_cosine, slerp
+from pipeline.render.interpolate import conditioning, grid_rows_cosine, slerp
 
 
 def keras_slerp(v1: np.ndarray, v2: np.ndarray, num: int) -> np.ndarray:

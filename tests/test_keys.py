@@ -1,4 +1,4 @@
-"""Tests for pipeline.keys (canonical JSON -> sha256) and for what goes into frame keys.
+"""Tests for pipeline.plan.keys (canonical JSON -> sha256) and for what goes into frame keys.
 
 Pinned digests are literals: if one changes, every cache in the wild misses. Bump on purpose only.
 """
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.environment import RenderEnv
-from pipeline.keys import (
+from pipeline.plan.keys import (
     SIGNIFICANT_DIGITS,
     KeyTemplate,
     Slot,
@@ -25,8 +24,9 @@ from pipeline.keys import (
     key_of,
     round_float,
 )
-from pipeline.planner import plan
-from pipeline.scene import parse_scene
+from pipeline.plan.planner import plan
+from pipeline.render.environment import RenderEnv
+from pipeline.scene.core import parse_scene
 
 # -- canonical JSON ------------------------------------------------------------------------------
 
@@ -522,7 +522,7 @@ def test_reindenting_model_index_json_changes_no_fingerprint(tmp_path):
     import json
     import shutil
 
-    from pipeline.models import EMBEDDED_DIR, resolve_model
+    from pipeline.render.models import EMBEDDED_DIR, resolve_model
 
     folder = tmp_path / "model"
     shutil.copytree(EMBEDDED_DIR / "tiny", folder)

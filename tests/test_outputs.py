@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.run import _settings, check_outputs
-from pipeline.scene import load_scene
-from pipeline.yamlio import SceneError
+from pipeline.render.loop import _settings, check_outputs
+from pipeline.scene.core import load_scene
+from pipeline.scene.yamlio import SceneError
 from tests.conftest import run_render as render
 
 SCENE = """\

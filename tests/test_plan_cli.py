@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheDir
-from pipeline.history import frame_status, load_plan, save_plan
-from pipeline.planner import plan
-from pipeline.scene import load_scene
+from pipeline.plan.history import frame_status, load_plan, save_plan
+from pipeline.plan.planner import plan
+from pipeline.scene.core import load_scene
+from pipeline.store.cache import CacheDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = "scenes/dog_cat.yaml"
@@ -163,7 +163,7 @@ def test_frame_status_base_change_and_new_frames(tmp_path, make_env):
 
 def test_plan_cli_reports_cached_and_changed_frames(tmp_path):
     # The CLI's own environment (embedded model, auto device) makes the keys; record that plan.
-    from pipeline.environment import resolve_env
+    from pipeline.render.environment import resolve_env
 
     scene = tmp_path / "small.yaml"
     scene.write_text(SMALL.replace("LAST", "a cat"))

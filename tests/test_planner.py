@@ -1,7 +1,7 @@
-"""Tests for pipeline.planner: tracks, curves, hold, scalars, noise kinds, walks, grids, feedback, keys.
+"""Tests for pipeline.plan.planner: tracks, curves, hold, scalars, noise kinds, walks, grids, feedback, keys.
 
 Every scene here is planned with a hand-built RenderEnv (tests/conftest.py): no model, no disk.
-Expected floats are literals; a recipe holds them rounded to 10 significant digits (pipeline.keys).
+Expected floats are literals; a recipe holds them rounded to 10 significant digits (pipeline.plan.keys).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-import pipeline.planner
-from pipeline.curves import ease_in_out_sine
-from pipeline.keys import KeyTemplate, canonical_json, key_of
-from pipeline.planner import Plan
+import pipeline.plan.planner
+from pipeline.plan.curves import ease_in_out_sine
+from pipeline.plan.keys import KeyTemplate, canonical_json, key_of
+from pipeline.plan.planner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest file that passes as LoRA weights (scene validation reads a safetensors header):
@@ -670,9 +670,9 @@ def test_planner_does_not_import_torch():
     script = textwrap.dedent(
         """
         import sys
-        from pipeline.environment import RenderEnv
-        from pipeline.planner import plan
-        from pipeline.scene import parse_scene
+        from pipeline.render.environment import RenderEnv
+        from pipeline.plan.planner import plan
+        from pipeline.scene.core import parse_scene
         env = RenderEnv(model="tiny", pipeline_class="StableDiffusionPipeline", family="sd",
                         fingerprint={"unet": "u"}, scheduler_config={})
         scene = parse_scene("keyframes:\\n  - {frame: 0, prompt: a dog}\\n  - {frame: 4, prompt: a cat}\\n", "s.yaml")
@@ -789,7 +789,7 @@ class _CountingTemplate(KeyTemplate):
 
 
 def test_frames_of_one_state_share_a_key_template(plan_text, monkeypatch):
-    monkeypatch.setattr(pipeline.planner, "KeyTemplate", _CountingTemplate)
+    monkeypatch.setattr(pipeline.plan.planner, "KeyTemplate", _CountingTemplate)
     monkeypatch.setattr(_CountingTemplate, "made", [])
     p = plan_text("frames: 200\nkeyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 100, prompt: a cat}\n")
     # Two states: between the keyframes, and on or after the last (frame 0 alone stays a one-off).
@@ -830,7 +830,7 @@ def test_plan_leaves_the_garbage_collector_as_it_found_it(plan_text, monkeypatch
             assert not gc.isenabled()
             raise RuntimeError("broken recipe")
 
-        monkeypatch.setattr(pipeline.planner._Frames, "recipe", broken)
+        monkeypatch.setattr(pipeline.plan.planner._Frames, "recipe", broken)
         with pytest.raises(RuntimeError, match="broken recipe"):
             plan_text("keyframes:\n  - {frame: 0, prompt: a dog}\n")
         assert gc.isenabled() is enabled

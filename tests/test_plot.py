@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from pipeline.plot import plot_values
+from pipeline.outputs.plot import plot_values
 
 ROOT = Path(__file__).resolve().parent.parent
 

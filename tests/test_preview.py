@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.app import InputError
-from pipeline.cache import CacheDir
 from pipeline.cli import app as cli_app
-from pipeline.preview import Draft, label, needed_jobs, parse_frames
+from pipeline.outputs.preview import Draft, label, needed_jobs, parse_frames
+from pipeline.store.cache import CacheDir
 from tests.conftest import CountingRenderer as Counting
 
 SCENE = """\

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import CacheDir
-from pipeline.environment import resolve_env
-from pipeline.models import load_pipeline, resolve_model
-from pipeline.planner import plan
-from pipeline.prompts import PARSER_VERSION, parse_weighted
-from pipeline.renderer import FrameRenderer, configure
-from pipeline.scene import load_scene
+from pipeline.plan.planner import plan
+from pipeline.plan.prompts import PARSER_VERSION, parse_weighted
+from pipeline.render.environment import resolve_env
+from pipeline.render.models import load_pipeline, resolve_model
+from pipeline.render.renderer import FrameRenderer, configure
+from pipeline.scene.core import load_scene
+from pipeline.store.cache import CacheDir
 from tests.conftest import run_render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,7 +214,7 @@ TEXTS = [
 def test_plan_tokenizer_gives_transformers_ids() -> None:
     from transformers import CLIPTokenizer
 
-    from pipeline.prompts import ClipTokenizer
+    from pipeline.plan.prompts import ClipTokenizer
 
     folder = ROOT / "pipeline" / "embedded" / "tiny" / "tokenizer"
     ours, theirs = ClipTokenizer(str(folder)), CLIPTokenizer.from_pretrained(str(folder))

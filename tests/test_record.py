@@ -1,4 +1,4 @@
-"""The record a render leaves beside its outputs (``pipeline.record``): the resolved scene, the
+"""The record a render leaves beside its outputs (``pipeline.outputs.record``): the resolved scene, the
 per-frame table (JSON, CSV), an SRT per MP4, PNG text chunks, the MP4 comment, and previous outputs
 kept on a re-render.
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.record import frame_rows, scene_yaml
+from pipeline.outputs.record import frame_rows, scene_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "scenes").glob("*.yaml"))

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cache import CacheDir
 from pipeline.cli import main
-from pipeline.environment import RenderEnv, resolve_env
-from pipeline.interpolate import noise_for
-from pipeline.planner import plan
-from pipeline.scene import load_scene, parse_scene
+from pipeline.plan.planner import plan
+from pipeline.render.environment import RenderEnv, resolve_env
+from pipeline.render.interpolate import noise_for
+from pipeline.scene.core import load_scene, parse_scene
+from pipeline.store.cache import CacheDir
 from tests.conftest import run_render as render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def test_failed_output_write_keeps_previous_file(
     before = gif.read_bytes()
     write_scene(scene_dir, fps=6)  # outputs must be rewritten
 
-    import pipeline.assemble as assemble
+    import pipeline.outputs.assemble as assemble
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scene import (
+from pipeline.scene.core import (
     Output,
     PromptPart,
     Scene,
@@ -21,7 +21,7 @@ from pipeline.scene import (
     parse_frame_ref,
     parse_scene,
 )
-from pipeline.yamlio import SceneError
+from pipeline.scene.yamlio import SceneError
 
 ROOT = Path(__file__).resolve().parents[1]
 

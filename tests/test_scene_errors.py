@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scene import Scene, check_against_model, load_scene, parse_scene
-from pipeline.yamlio import Problem, SceneError
+from pipeline.scene.core import Scene, check_against_model, load_scene, parse_scene
+from pipeline.scene.yamlio import Problem, SceneError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -343,7 +343,7 @@ def test_a_long_value_is_shortened_in_its_message(line: str) -> None:
 
 
 def test_a_scene_file_over_the_size_limit_is_refused_without_reading_it(tmp_path: Path) -> None:
-    from pipeline.inputfiles import MAX_SCENE_BYTES
+    from pipeline.scene.inputfiles import MAX_SCENE_BYTES
 
     path = tmp_path / "huge.yaml"
     with open(path, "wb") as f:  # sparse: no disk is used

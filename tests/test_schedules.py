@@ -1,6 +1,6 @@
 """Deforum schedule strings, the formulas in them, and the shared prompt parts (prefix and suffix).
 
-Both become ordinary keyframes when the scene loads (``pipeline.scene``); these tests plan scenes
+Both become ordinary keyframes when the scene loads (``pipeline.scene.core``); these tests plan scenes
 with the hand-built env of tests/conftest.py (no model) and compare keys and values with scenes
 written as keyframes, or with values computed here by hand.
 """
@@ -13,11 +13,11 @@ import time
 import pytest
 import yaml
 
-from pipeline.keys import round_float
-from pipeline.record import resolved_scene
-from pipeline.scene import join_prompt, parse_scene
-from pipeline.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
-from pipeline.yamlio import SceneError
+from pipeline.outputs.record import resolved_scene
+from pipeline.plan.keys import round_float
+from pipeline.scene.core import join_prompt, parse_scene
+from pipeline.scene.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
+from pipeline.scene.yamlio import SceneError
 
 
 def guidance(plan) -> list[float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.schema import MODELINE, scene_schema, schema_text
+from pipeline.scene.editor_schema import MODELINE, scene_schema, schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "scenes" / "scene.schema.json"

@@ -1,4 +1,4 @@
-"""pipeline.yamlio reads a scene the same with libyaml as with PyYAML's pure-Python parser.
+"""pipeline.scene.yamlio reads a scene the same with libyaml as with PyYAML's pure-Python parser.
 
 Files that parse are read with libyaml's parser (ten times faster on a scene with a keyframe at
 every frame); files that do not are read again by the Python parser for its messages. So for every
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.yamlio as yamlio
-from pipeline.yamlio import SceneError, load_yaml_lenient
+import pipeline.scene.yamlio as yamlio
+from pipeline.scene.yamlio import SceneError, load_yaml_lenient
 
 ROOT = Path(__file__).resolve().parents[1]
 # 65_not_utf8.yaml is left out: it is refused before YAML is parsed (tests/test_scene_errors.py).
@@ -185,7 +185,7 @@ def test_mangled_scenes_are_always_located_problems_never_a_crash() -> None:
     """Seeded random edits of every example and corpus file: only SceneErrors of one-line problems."""
     import random
 
-    from pipeline.scene import parse_scene
+    from pipeline.scene.core import parse_scene
 
     rng = random.Random(10)
     texts = [f.read_text() for f in FILES]

@@ -126,9 +126,9 @@ def plan_of(scene: Path, **env_changes: Any) -> Any:
     """The plan of a scene file as the CLI makes it on a CPU (``env_changes`` replace RenderEnv fields)."""
     import dataclasses
 
-    from pipeline.environment import resolve_env
-    from pipeline.planner import plan
-    from pipeline.scene import load_scene
+    from pipeline.plan.planner import plan
+    from pipeline.render.environment import resolve_env
+    from pipeline.scene.core import load_scene
 
     parsed = load_scene(scene)
     env = resolve_env(parsed, device="cpu")
@@ -139,7 +139,7 @@ def plan_of(scene: Path, **env_changes: Any) -> Any:
 
 def cached_frames(cache: Path, keys: list[str]) -> list[np.ndarray]:
     """Decoded frames of ``keys`` from a cache directory (each must be readable)."""
-    from pipeline.cache import CacheDir
+    from pipeline.store.cache import CacheDir
 
     out = []
     with CacheDir(cache) as c:

@@ -23,7 +23,7 @@ import diskcache
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheWarning
+from pipeline.store.cache import CacheWarning
 from tests.reliability._helpers_inputs import (
     Payload,
     cached_frames,

@@ -1,7 +1,7 @@
 """Frame claims left by another host: a void one is taken over at once, a live one is waited for aloud.
 
 The claims are written into the cache the way another machine sharing the cache directory would
-(``pipeline.claims`` format), then a real ``render.py`` process runs against it.
+(``pipeline.store.claims`` format), then a real ``render.py`` process runs against it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir, record_key
 from tests.reliability._util import ROOT, plan_keys, plan_rows, wait_until, write_scene
 
 FRAMES = 4

@@ -1,6 +1,6 @@
 """Several processes rendering the same scene into ONE cache directory at the same time.
 
-Frames are claimed before they render (``pipeline.claims``), so the processes split the work: every
+Frames are claimed before they render (``pipeline.store.claims``), so the processes split the work: every
 frame is rendered and stored once in all, every process exits 0 with the same outputs, and sqlite's
 locking never surfaces as "database is locked".
 """
@@ -78,8 +78,8 @@ def render_with_a_batch_finished_elsewhere(
     window the claims must close: after this process looked at the cache (frames missing) and before it claims
     them, the other stores them and releases its claims. Returns (report, frames stored elsewhere, frames
     stored here)."""
-    from pipeline.cache import CacheDir
-    from pipeline.claims import Claims
+    from pipeline.store.cache import CacheDir
+    from pipeline.store.claims import Claims
     from tests.conftest import run_render
 
     scene = write_scene(tmp_path / "scenes", FRAMES_ELSEWHERE, outputs=("out.gif",))

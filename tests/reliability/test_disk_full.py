@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.cache import CacheDir, Store
 from pipeline.cli import main
+from pipeline.store.cache import CacheDir, Store
 from tests.reliability._util import (
     ROOT,
     frame_logger,
@@ -184,7 +184,7 @@ def test_enospc_while_writing_the_gif_keeps_the_old_gif(
 ) -> None:
     scene, cache, out = copy / "scenes" / "scene.yaml", copy / "cache", copy / "out"
     old_gif = (out / "out.gif").read_bytes()
-    import pipeline.assemble as assemble
+    import pipeline.outputs.assemble as assemble
 
     real_quantize = assemble._quantize
     calls = Counter[str]()
@@ -317,7 +317,7 @@ cp "{log}" "{res}/log1"
 rm "$MNT/filler"  # (sqlite cannot even open the cache to read while the disk is full)
 "$PY" -c "
 import json, os
-from pipeline.cache import CacheDir
+from pipeline.store.cache import CacheDir
 keys = [line.split()[0] for line in open('{log}')] if os.path.exists('{log}') else []
 with CacheDir.open_readonly('$MNT/cache') as c:
     print(json.dumps([k for k in keys if c.frames.get(k) is not None]))

@@ -28,11 +28,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pipeline import app
-from pipeline.cache import CacheDir
-from pipeline.environment import resolve_env
-from pipeline.models import InputChanged
-from pipeline.planner import plan
-from pipeline.scene import load_scene
+from pipeline.plan.planner import plan
+from pipeline.render.environment import resolve_env
+from pipeline.render.models import InputChanged
+from pipeline.scene.core import load_scene
+from pipeline.store.cache import CacheDir
 from tests.reliability._helpers_inputs import (
     ROOT,
     cached_frames,
@@ -231,7 +231,7 @@ def test_decode_is_of_the_planned_bytes(tmp_path: Path) -> None:
     scene_path = make_folder(tmp_path)
     scene = load_scene(scene_path)
     env = resolve_env(scene, device="cpu")
-    from pipeline.environment import read_input
+    from pipeline.render.environment import read_input
 
     digest = env.files["inputs/landscape.png"]
     data = read_input(scene, env.files, digest)
@@ -246,7 +246,7 @@ def test_decode_is_of_the_planned_bytes(tmp_path: Path) -> None:
 _HUB_CHILD = """
 import json, sys
 from pathlib import Path
-from pipeline.models import load_pipeline, resolve_model
+from pipeline.render.models import load_pipeline, resolve_model
 ref = resolve_model("someone/tiny", Path("."))
 Path(sys.argv[1]).write_text(sys.argv[2])  # the branch moves on after planning
 pipe = load_pipeline(ref, device="cpu", dtype="float32")

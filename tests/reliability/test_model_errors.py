@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.cache import CacheDir, record_key
-from pipeline.models import check_model_spec, resolve_model
+from pipeline.render.models import check_model_spec, resolve_model
+from pipeline.store.cache import CacheDir, record_key
 from tests.reliability._helpers_inputs import (
     EMBEDDED,
     ROOT,
@@ -178,7 +178,7 @@ def _oom(kind: str) -> Exception:
 
 def patch_denoise(monkeypatch: pytest.MonkeyPatch, kind: str, max_jobs: int) -> list[tuple[int, bool]]:
     """Make FrameRenderer.denoise run out of memory above ``max_jobs`` jobs; returns (jobs, ok) per call."""
-    from pipeline.renderer import FrameRenderer
+    from pipeline.render.renderer import FrameRenderer
 
     original = FrameRenderer.denoise
     calls: list[tuple[int, bool]] = []

@@ -192,13 +192,13 @@ def weight_byte(scene: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def library_version(scene: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
-    import pipeline.environment
-    import pipeline.models
+    import pipeline.render.environment
+    import pipeline.render.models
 
-    versions = {**pipeline.models.library_versions(), "diffusers": "0.99.0"}
-    # resolve_env calls the name it imported from pipeline.models: patch both.
-    mp.setattr(pipeline.models, "library_versions", lambda: dict(versions))
-    mp.setattr(pipeline.environment, "library_versions", lambda: dict(versions))
+    versions = {**pipeline.render.models.library_versions(), "diffusers": "0.99.0"}
+    # resolve_env calls the name it imported from pipeline.render.models: patch both.
+    mp.setattr(pipeline.render.models, "library_versions", lambda: dict(versions))
+    mp.setattr(pipeline.render.environment, "library_versions", lambda: dict(versions))
     return {}
 
 
@@ -455,8 +455,8 @@ def test_incremental_render_equals_cold_render(
 
 def test_env_edit_helpers_change_only_what_they_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The library-version simulation reaches resolve_env (the plan) and nothing else in the env."""
-    from pipeline.environment import resolve_env
-    from pipeline.scene import load_scene
+    from pipeline.render.environment import resolve_env
+    from pipeline.scene.core import load_scene
 
     scene = make_base(tmp_path, "A")
     parsed = load_scene(scene)

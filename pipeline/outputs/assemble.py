@@ -9,7 +9,7 @@ final path only when it is complete (``atomic_output``), so an interrupted or fa
 leaves a truncated file behind and the previous output stays intact::
 
     from pathlib import Path
-    from pipeline.assemble import kind_for_path, write_output
+    from pipeline.outputs.assemble import kind_for_path, write_output
 
     out = Path("renders/dog_cat.gif")
     write_output(kind_for_path(str(out)), out, frames, fps=12, rubber_band=True)

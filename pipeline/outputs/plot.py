@@ -1,12 +1,12 @@
 """The values plot (``render.py SCENE --plot values.png``): every keyframed value over the frames.
 
-Read from the plan's recipes (``pipeline.record.flat``), so it shows what the frames are keyed with:
+Read from the plan's recipes (``pipeline.outputs.record.flat``), so it shows what the frames are keyed with:
 guidance, strength, the feedback motion, LoRA scales, the prompt mix ``t`` (0 on a keyframe, rising
 to the next) and the noise ``t`` (seed travel, circle). Values that never change are listed under the
 plot instead of getting a flat line each. matplotlib draws it with the Agg backend (no display);
 the format follows the suffix (``.png`` or ``.svg``). No model is loaded and torch is not imported::
 
-    from pipeline.plot import plot_values, write_plot
+    from pipeline.outputs.plot import plot_values, write_plot
     plot_values(session.plan())["guidance"]      # [7.5, 7.4, ...] one value per frame
     write_plot(session.plan(), Path("values.svg"), title="dog_cat.yaml", keyframes=[0, 63])
 """
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.assemble import atomic_output
-from pipeline.planner import Plan
-from pipeline.record import flat, frame_row, table_columns
+from pipeline.outputs.assemble import atomic_output
+from pipeline.outputs.record import flat, frame_row, table_columns
+from pipeline.plan.planner import Plan
 
 PLOT_SUFFIXES: tuple[str, ...] = (".png", ".svg")
 # Columns of the per-frame table that are not values to plot.

@@ -3,7 +3,7 @@ frame is not cached: never rendered, or which of its inputs changed since the la
 
     previous = load_plan(cache.records, scene.path)
     why = frame_status(plan, previous, cached_keys)      # ["cached", "changed: prompt, noise", ...]
-    # Frames another render is working on right now (pipeline.claims.live_claims):
+    # Frames another render is working on right now (pipeline.store.claims.live_claims):
     why = frame_status(plan, previous, cached_keys, live_claims(cache.records))
     # [..., "claimed by host render-2 pid 4242 since 14:03:11", ...]
 
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Store, record_key
-from pipeline.planner import Plan
+from pipeline.plan.planner import Plan
+from pipeline.store.cache import Store, record_key
 
 # How a recipe field is named to a user.
 _FRAME_FIELDS = {"cond": "prompt", "neg": "negative prompt", "noise": "noise", "mode": "mode or its inputs"}
@@ -91,7 +91,7 @@ def frame_status(
     """Per frame: 'cached', or why not ('not rendered yet', 'new frame', 'changed: steps, prompt').
 
     `claimed` maps frame keys that another render has claimed to its claim (a
-    `pipeline.claims.Claim`, or the text to show): those frames say 'claimed by host X pid Y since
+    `pipeline.store.claims.Claim`, or the text to show): those frames say 'claimed by host X pid Y since
     HH:MM:SS' instead, since they are being rendered right now.
     """
     claimed = claimed or {}

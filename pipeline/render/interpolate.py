@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipeline.keys import round_float
+from pipeline.plan.keys import round_float
 
 Entry = dict[str, torch.Tensor]
 DOT_THRESHOLD = 0.9995
@@ -116,7 +116,7 @@ def grid_rows_cosine(corners: Sequence[Entry], cols: int) -> dict[str, float]:
 def conditioning(
     cond: Mapping[str, Any], embeddings: Mapping[str, Entry], memo: MutableMapping[Any, Any] | None = None
 ) -> Entry:
-    """The embedding entry for one frame's conditioning recipe (see ``pipeline.planner``).
+    """The embedding entry for one frame's conditioning recipe (see ``pipeline.plan.planner``).
 
     ``memo``: a dict the caller keeps across frames of one plan, for what many frames share.
     """

@@ -16,7 +16,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.models import (
+from pipeline.render.models import (
     InputChanged,
     ModelRef,
     choose_dtype,
@@ -25,7 +25,7 @@ from pipeline.models import (
     memo_digest,
     resolve_model,
 )
-from pipeline.scene import IMAGE_FIELDS, Scene
+from pipeline.scene.core import IMAGE_FIELDS, Scene
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RenderEnv:
     files: dict[str, str] = field(default_factory=dict)
     model_kind: str = "embedded"
     # The model's first CLIP tokenizer folder when it is on disk: the planner counts prompt tokens with
-    # it (``pipeline.prompts``); its files are in the fingerprint ("tokenizer"), so not a key itself.
+    # it (``pipeline.plan.prompts``); its files are in the fingerprint ("tokenizer"), so not a key itself.
     tokenizer: str | None = None
 
 

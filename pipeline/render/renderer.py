@@ -8,13 +8,13 @@ in, decoded by its VAE)::
     renderer = FrameRenderer(pipe, scene, plan, cache, device="cpu", dtype="float32")
     images = renderer.render_batch(batch)        # one PIL image per job, in order
 
-PNG encoding and the cache write are the caller's (``pipeline.run`` does them in a writer thread
-while the next batch renders). A batch is frames of one ``FrameJob.batch_group`` (``pipeline.run``
+PNG encoding and the cache write are the caller's (``pipeline.render.loop`` does them in a writer thread
+while the next batch renders). A batch is frames of one ``FrameJob.batch_group`` (``pipeline.render.loop``
 forms the batches); it goes through one pipeline call. Each frame brings its own prompt and
 negative prompt, its own noise and generator (for ancestral samplers and VAE sampling), its own
 guidance scale (:class:`PerFrameGuidance`) and, for feedback, its own motion, so its pixels never
 depend on the batch it lands in. A feedback frame starts from the frame before it, read from the
-cache, so the caller renders feedback chains in waves (see ``pipeline.run``).
+cache, so the caller renders feedback chains in waves (see ``pipeline.render.loop``).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pipeline.cache import CacheDir
-from pipeline.environment import read_input
-from pipeline.interpolate import Entry, conditioning, noise_for
-from pipeline.keys import key_of
-from pipeline.models import ModelError
-from pipeline.planner import FrameJob, Plan
-from pipeline.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES, chunked, weighted_tokens
-from pipeline.scene import Scene
+from pipeline.plan.keys import key_of
+from pipeline.plan.planner import FrameJob, Plan
+from pipeline.plan.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES, chunked, weighted_tokens
+from pipeline.render.environment import read_input
+from pipeline.render.interpolate import Entry, conditioning, noise_for
+from pipeline.render.models import ModelError
+from pipeline.scene.core import Scene
 from pipeline.schedulers import build_scheduler
+from pipeline.store.cache import CacheDir
 
 # The diffusers pipeline class for each (family, mode). Mode pipelines share the loaded components.
 PIPELINES: dict[tuple[str, str], str] = {
@@ -255,7 +255,7 @@ class FrameRenderer:
 
     @torch.no_grad()
     def _encode(self, text: str, prompts: Mapping[str, Any] | None = None) -> Entry:
-        """One prompt's embedding entry. ``prompts``: the key's prompt format (``pipeline.planner``
+        """One prompt's embedding entry. ``prompts``: the key's prompt format (``pipeline.plan.planner``
         names it for SD 1.x/2.x texts that may be weighted or long); without it, diffusers' own
         encoding, cut at one CLIP window as before."""
         # clip_skip applies to every prompt, negative prompts too (as AUTOMATIC1111 and ComfyUI do;

@@ -28,7 +28,7 @@ This module deliberately imports only the standard library and diskcache, becaus
 Example::
 
     import hashlib
-    from pipeline.cache import CacheDir, record_key
+    from pipeline.store.cache import CacheDir, record_key
 
     with CacheDir("cache") as cache:
         key = hashlib.sha256(b"everything that determines frame 0").hexdigest()
@@ -67,7 +67,7 @@ from typing import Any
 import diskcache
 from diskcache.core import DBNAME, MODE_BINARY, MODE_PICKLE, MODE_RAW, UNKNOWN
 
-from pipeline.keys import canonical_json, key_of
+from pipeline.plan.keys import canonical_json, key_of
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -86,7 +86,7 @@ __all__ = [
     "record_key",
 ]
 
-logger = logging.getLogger("pipeline.cache")
+logger = logging.getLogger("pipeline.store.cache")
 
 #: First bytes of every stored value; bump the digit if the envelope layout ever changes.
 ENVELOPE_MAGIC = b"SDS2"  # 2: the digest covers the key too, so swapped rows are caught
@@ -399,7 +399,7 @@ class Store:
     """One diskcache-backed key/value store: 64-hex keys to bytes (or canonical JSON).
 
     Reads never raise for bad data: a corrupt or unsafe entry is reported as a `CacheWarning`
-    (also logged on ``pipeline.cache``), deleted, and returned as a miss (None).
+    (also logged on ``pipeline.store.cache``), deleted, and returned as a miss (None).
     """
 
     def __init__(

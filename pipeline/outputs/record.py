@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.assemble import atomic_output
-from pipeline.planner import Plan
-from pipeline.scene import SCALARS, Scene, output_kind
+from pipeline.outputs.assemble import atomic_output
+from pipeline.plan.planner import Plan
+from pipeline.scene.core import SCALARS, Scene, output_kind
 
 RECORD_VERSION = 1
 # Distributions whose versions a record lists (read from package metadata: nothing is imported).
@@ -419,7 +419,7 @@ def write_record(
 
 def output_order(n: int, rubber_band: bool) -> list[int]:
     """The frame indices an output plays, in order (the rubber band's way back included)."""
-    from pipeline.assemble import rubber_band as band
+    from pipeline.outputs.assemble import rubber_band as band
 
     indices = list(range(n))
     return list(band(indices)) if rubber_band else indices

@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.inputfiles import read_scene_bytes
-from pipeline.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
-from pipeline.yamlio import Problem, shorten
+from pipeline.scene.inputfiles import read_scene_bytes
+from pipeline.scene.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
+from pipeline.scene.yamlio import Problem, shorten
 
 FORMATS = "a Parseq JSON export (with 'rendered_frames') or a Deforum settings file (with 'prompts')"
 

@@ -36,9 +36,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from pipeline import curves
 from pipeline.gcpause import gc_paused
-from pipeline.inputfiles import (
+from pipeline.plan import curves
+from pipeline.scene.inputfiles import (
     embedding_problem,
     image_size,
     is_flat,
@@ -47,8 +47,7 @@ from pipeline.inputfiles import (
     read_scene_bytes,
     read_weights_header,
 )
-from pipeline.schedulers import scheduler_names
-from pipeline.schedules import (
+from pipeline.scene.schedules import (
     EvalError,
     Point,
     ScheduleError,
@@ -56,12 +55,13 @@ from pipeline.schedules import (
     parse_schedule,
     schedule_values,
 )
-from pipeline.yamlerrors import DEFORUM_SCHEDULE, deforum_hint, deforum_name_hint
-from pipeline.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient, shorten
+from pipeline.scene.yamlerrors import DEFORUM_SCHEDULE, deforum_hint, deforum_name_hint
+from pipeline.scene.yamlio import Problem, SceneError, YamlDoc, load_yaml_lenient, shorten
+from pipeline.schedulers import scheduler_names
 
 # The validation context of the loader: it runs the scene rules itself (see Scene._timeline).
 _LOADING: dict[str, bool] = {"loading": True}
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
 # Scalars that a keyframe may set and that are interpolated with the keyframe's curve.
 SCALARS: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
@@ -274,7 +274,7 @@ class Scene(_Strict):
     curve: str = "linear"
     noise: Annotated[Noise, BeforeValidator(_text_to_mapping("kind"))] = Field(default_factory=Noise)
     clip_skip: int = Field(default=0, ge=0, le=11)
-    # SD 1.x/2.x and SDXL: AUTOMATIC1111 weighting syntax, and prompts past 75 tokens chunked or cut (pipeline.prompts).
+    # SD 1.x/2.x and SDXL: AUTOMATIC1111 weighting syntax, and prompts past 75 tokens chunked or cut (pipeline.plan.prompts).
     prompt_format: Literal["weighted", "plain"] = "weighted"
     long_prompts: Literal["chunk", "truncate"] = "chunk"
     t5: bool = False
@@ -377,7 +377,7 @@ class Scene(_Strict):
 
 def output_kind(out: Output) -> str | None:
     """The kind of an output: given, or from its path (see ``assemble.kind_for_path``); None if unknown."""
-    from pipeline.assemble import kind_for_path  # one table of suffixes, shared with the writers
+    from pipeline.outputs.assemble import kind_for_path  # one table of suffixes, shared with the writers
 
     if out.kind:
         return out.kind
@@ -1345,12 +1345,12 @@ def _resolve(scene: Scene, relative: str) -> Path | str:
 
 
 def _check_model(scene: Scene) -> list[tuple[tuple[str, ...], str]]:
-    """The scene's ``model:`` names a model (the check ``--model`` gets too, in ``pipeline.models``),
+    """The scene's ``model:`` names a model (the check ``--model`` gets too, in ``pipeline.render.models``),
     a single-file model's configs are there and fit it (``config:``), and ``vae:`` names a VAE.
     Torch-free and without network: a checkpoint is judged by its header or its pickle's opcodes."""
     # torch-free; models imports nothing of scene
-    from pipeline.models import check_model_spec
-    from pipeline.singlefile import check_checkpoint_options, check_vae_spec
+    from pipeline.render.models import check_model_spec
+    from pipeline.render.singlefile import check_checkpoint_options, check_vae_spec
 
     problems: list[tuple[tuple[str, ...], str]] = []
     problem = check_model_spec(scene.model, scene.base_dir)
@@ -1509,7 +1509,7 @@ def check_against_model(
     if there are any: learned-embedding tokens and sizes are then checked against its tokenizer and
     text encoder, which diffusers would otherwise refuse only once the model has loaded.
     """
-    from pipeline.models import modes_for
+    from pipeline.render.models import modes_for
 
     doc = scene._doc or YamlDoc(str(scene.path), None)
     problems: list[Problem] = []

@@ -28,10 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import CacheDir
-from pipeline.planner import FrameJob, Plan
-from pipeline.run import CachedFrames, FrameMissing, Progress
-from pipeline.scene import Scene
+from pipeline.plan.planner import FrameJob, Plan
+from pipeline.render.loop import CachedFrames, FrameMissing, Progress
+from pipeline.scene.core import Scene
+from pipeline.store.cache import CacheDir
 
 PREVIEW_DIR = "preview"
 THUMB = 256  # longest side of a frame on a contact sheet of several frames
@@ -304,7 +304,7 @@ def finish_preview(
     sheet: Sheet,
 ) -> None:
     """Complete the contact sheet, write the GIF, and say in ``result`` (a run's) what the preview was."""
-    from pipeline.assemble import write_output
+    from pipeline.outputs.assemble import write_output
 
     keys = [plan[f].key for f in shown]
     frames = CachedFrames(cache, keys)

@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import (
+from pipeline.plan.keys import file_digest, json_digest
+from pipeline.render.checkpoints import (
     CHECKPOINT_SUFFIXES,
     inspect_checkpoint,
     is_checkpoint_spec,
 )
-from pipeline.inputfiles import path_kind
-from pipeline.keys import file_digest, json_digest
+from pipeline.scene.inputfiles import path_kind
 
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 # Embedded models with trained weights: they draw what their prompts ask (within their 64 emoji).
 TRAINED_EMBEDDED = frozenset({"demo"})
 RANDOM_WEIGHTS_NOTE = (
@@ -246,13 +246,13 @@ def resolve_model(
     options_dir = scene_dir or base_dir
     local = (base_dir / Path(spec).expanduser()).resolve() if spec not in embedded_models() else None
     if local is not None and is_checkpoint_spec(spec) and path_kind(local) == "file":
-        from pipeline.singlefile import resolve_checkpoint
+        from pipeline.render.singlefile import resolve_checkpoint
 
         ref = resolve_checkpoint(spec, local, config, options_dir, memo, keep_vae=vae is None)
     else:
         ref = _resolve_folder(spec, base_dir, revision, memo)
     if vae is not None:
-        from pipeline.singlefile import resolve_vae
+        from pipeline.render.singlefile import resolve_vae
 
         ref.vae = resolve_vae(vae, options_dir, ref, memo)
         ref.fingerprint["vae"] = ref.vae.fingerprint
@@ -503,7 +503,7 @@ def load_pipeline(ref: ModelRef, *, device: str, dtype: str) -> Any:
         with warnings.catch_warnings():
             # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere we support.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            from pipeline.singlefile import load_checkpoint, load_vae
+            from pipeline.render.singlefile import load_checkpoint, load_vae
 
             if ref.vae is not None:
                 kwargs["vae"] = load_vae(ref, kwargs["torch_dtype"])

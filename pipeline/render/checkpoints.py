@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.inputfiles import read_weights_header
+from pipeline.scene.inputfiles import read_weights_header
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 

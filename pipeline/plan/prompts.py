@@ -11,7 +11,7 @@ BOS and EOS and the results joined along the sequence, as AUTOMATIC1111 and comp
     chunks = chunked(ids, weights, tokenizer, "chunk")
 
 Nothing here imports torch: the planner uses :func:`may_need_parser` to decide what goes into an
-embedding's key, and the renderer (``pipeline.renderer``) encodes the chunks.
+embedding's key, and the renderer (``pipeline.render.renderer``) encodes the chunks.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
             ]
         ) from None
     except yaml.MarkedYAMLError as exc:
-        from pipeline.yamlerrors import syntax_problem  # only a file that does not parse needs it
+        from pipeline.scene.yamlerrors import syntax_problem  # only a file that does not parse needs it
 
         raise SceneError([syntax_problem(exc, text, file)]) from None
     except yaml.reader.ReaderError as exc:  # control characters and other unprintable input

@@ -1,11 +1,11 @@
 """The JSON Schema of the scene format, for editors (``render.py schema``, ``scenes/scene.schema.json``).
 
-Made from the pydantic models of ``pipeline.scene`` (``Scene.model_json_schema()``), then completed
+Made from the pydantic models of ``pipeline.scene.core`` (``Scene.model_json_schema()``), then completed
 here: a description for every key, the allowed names where the models take any text (schedulers,
 curves), and the shorthands the loader accepts before the models see them (``prompt: "a dog"``,
 ``noise: travel``, ``outputs: [a.gif]``, ``frame: 2.5s``)::
 
-    from pipeline.schema import scene_schema, schema_text
+    from pipeline.scene.editor_schema import scene_schema, schema_text
     scene_schema()["properties"]["scheduler"]["anyOf"][0]["enum"]    # ['ddim', 'ddpm', ...]
     Path("scenes/scene.schema.json").write_text(schema_text())
 
@@ -22,8 +22,8 @@ import copy
 import json
 from typing import Any
 
-from pipeline.curves import CURVES
-from pipeline.scene import SCHEDULABLE, Scene, embedded_models
+from pipeline.plan.curves import CURVES
+from pipeline.scene.core import SCHEDULABLE, Scene, embedded_models
 from pipeline.schedulers import SCHEDULERS
 
 SCHEMA_FILE = "scene.schema.json"

@@ -5,7 +5,7 @@ to an interpolation weight. The named curves are the full easings.net set plus `
 ``cubic_bezier(x1, y1, x2, y2)`` behaves like the CSS timing function of the same name.
 Scene files refer to curves by string, so ``parse_curve`` is the entry point::
 
-    from pipeline.curves import ease, parse_curve
+    from pipeline.plan.curves import ease, parse_curve
     parse_curve("ease_in_out_cubic")(0.25)        # 0.0625
     ease("cubic_bezier(0.42, 0, 0.58, 1)", 0.5)   # 0.5
 

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.assemble import clean_partials, is_frame_file, name_length_problem, write_output
-from pipeline.cache import CacheDir, record_key
-from pipeline.environment import RenderEnv, input_files
-from pipeline.keys import key_of
-from pipeline.models import ModelError, ModelRef
-from pipeline.planner import Plan
-from pipeline.record import record_names, write_record
-from pipeline.scene import Output, Scene, output_kind
-from pipeline.yamlio import SceneError
+from pipeline.outputs.assemble import clean_partials, is_frame_file, name_length_problem, write_output
+from pipeline.outputs.record import record_names, write_record
+from pipeline.plan.keys import key_of
+from pipeline.plan.planner import Plan
+from pipeline.render.environment import RenderEnv, input_files
+from pipeline.render.models import ModelError, ModelRef
+from pipeline.scene.core import Output, Scene, output_kind
+from pipeline.scene.yamlio import SceneError
+from pipeline.store.cache import CacheDir, record_key
 
 # 2: MP4s carry a comment and frames folders their parameters as PNG text chunks; 3: GIFs have one
 # palette fitted to all frames and delta frames. Each bump writes every output once more.
@@ -241,10 +241,10 @@ def assemble(
             extra["comment"] = mp4_comment(scene, plan, model or scene.model)
         elif target.kind == "frames":
             if rows is None:
-                from pipeline.record import flat, frame_rows
+                from pipeline.outputs.record import flat, frame_rows
 
                 rows = [(r, flat(r)) for r in frame_rows(plan)]
-            from pipeline.record import png_texts
+            from pipeline.outputs.record import png_texts
 
             extra["texts"] = [png_texts(r, v) for r, v in rows]
         if keep is not None and _stamp(target.path) is not None:
@@ -259,7 +259,7 @@ def mp4_comment(scene: Scene, plan: Plan, model: str) -> str:
     """An MP4's comment: what made it, in one line. Decided by the scene and the frame keys alone (no
     time, no command), so the same frames make the same bytes."""
     from pipeline import __version__
-    from pipeline.record import record_names
+    from pipeline.outputs.record import record_names
 
     frames = hashlib.sha256("\n".join(job.key for job in plan).encode()).hexdigest()[:16]
     return (
@@ -424,7 +424,7 @@ def run(
     ``make_renderer()`` builds the batch renderer (loading the model) the first time a frame must
     render; ``progress`` is called with a :class:`Progress` after each step. Outputs a re-render
     replaces are kept in ``previous/`` unless ``overwrite``; ``command`` and ``model`` (a --model
-    override) go into the record (``pipeline.record``).
+    override) go into the record (``pipeline.outputs.record``).
     """
     renderer: Renders | None = None
     out_dir = targets.out_dir if isinstance(targets, Targets) else None
@@ -486,7 +486,7 @@ class Renders:
     """The rendering half of a run: loads the model once, then renders frame jobs as they become ready.
 
     - Frames are claimed before they render, so several processes sharing a cache split the work
-      (see ``pipeline.claims``); frames claimed by a live process are waited for, not rendered.
+      (see ``pipeline.store.claims``); frames claimed by a live process are waited for, not rendered.
     - Frames batch by ``FrameJob.batch_group``: keyframed guidance, prompts, negative prompts, seeds
       and motion share a call; a LoRA scale, a mode or input image, or a strength that leaves another
       number of denoising steps does not.
@@ -533,8 +533,8 @@ class Renders:
 
         from tqdm import tqdm
 
-        from pipeline.cache import CacheReadOnly
-        from pipeline.claims import Claims
+        from pipeline.store.cache import CacheReadOnly
+        from pipeline.store.claims import Claims
 
         if self.cache.readonly:
             raise CacheReadOnly(

@@ -1,5 +1,5 @@
 """Single-file checkpoints and VAE overrides: where a checkpoint's configs come from, what goes into
-their fingerprints, and loading them (``pipeline.models`` calls in here; ``pipeline.checkpoints``
+their fingerprints, and loading them (``pipeline.render.models`` calls in here; ``pipeline.render.checkpoints``
 reads the files)::
 
     config_folder("tiny", layout, scene_dir, download=False)   # the folder, or why there is none
@@ -20,10 +20,9 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import Layout, checkpoint_tensors, inspect_checkpoint, is_checkpoint_spec
-from pipeline.inputfiles import path_kind
-from pipeline.keys import file_digest, json_digest
-from pipeline.models import (
+from pipeline.plan.keys import file_digest, json_digest
+from pipeline.render.checkpoints import Layout, checkpoint_tensors, inspect_checkpoint, is_checkpoint_spec
+from pipeline.render.models import (
     _COMMIT,
     EMBEDDED_DIR,
     HF_ID,
@@ -39,6 +38,7 @@ from pipeline.models import (
     embedded_models,
     family_of,
 )
+from pipeline.scene.inputfiles import path_kind
 
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # The small files of a diffusers model: what a single-file checkpoint lacks.
@@ -280,7 +280,7 @@ def _vae_file_problem(path: Path, shown: str) -> str | None:
     if not path.name.lower().endswith(VAE_FILE_SUFFIXES):
         return f"'{shown}' is not a weights file (a VAE file ends in {', '.join(VAE_FILE_SUFFIXES)})"
     if path.suffix.lower() == ".safetensors":
-        from pipeline.inputfiles import read_weights_header
+        from pipeline.scene.inputfiles import read_weights_header
 
         tensors = read_weights_header(path)
         if isinstance(tensors, str):
@@ -341,7 +341,7 @@ def load_checkpoint(ref: ModelRef, cls: Any, kwargs: dict[str, Any]) -> Any:
     ``ref.folder``; components whose weights are not in the file come from that folder.
 
     diffusers loads a ``.ckpt`` with ``torch.load(weights_only=True)``: tensors and plain containers
-    only, never code (and ``pipeline.checkpoints`` refused any other pickle before this).
+    only, never code (and ``pipeline.render.checkpoints`` refused any other pickle before this).
     """
     import importlib
 

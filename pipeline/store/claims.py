@@ -43,11 +43,11 @@ from typing import Any
 
 import psutil
 
-from pipeline.cache import Store, record_key
+from pipeline.store.cache import Store, record_key
 
 __all__ = ["LEASE_S", "WAIT_NOTICE_S", "Claim", "Claims", "frame_ranges", "live_claims"]
 
-logger = logging.getLogger("pipeline.claims")
+logger = logging.getLogger("pipeline.store.claims")
 
 #: A claim that was not renewed for this long is free. Renewals come every quarter of it, so three
 #: missed heartbeats in a row (a machine under heavy load) are still not a takeover.

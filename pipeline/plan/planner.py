@@ -1,7 +1,7 @@
 """The planner: a validated scene becomes one job per frame, each with the recipe of its pixels and its key.
 
 Pure and fast: no torch, no model, no disk (the facts from outside the scene arrive in a
-:class:`~pipeline.environment.RenderEnv`)::
+:class:`~pipeline.render.environment.RenderEnv`)::
 
     jobs = plan(scene, env)
     jobs[10].key, jobs[10].recipe["cond"]     # {"a": [[emb_key, 1.0]], "b": [[emb_key, 1.0]], "t": 0.17}
@@ -29,19 +29,19 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from pipeline.curves import parse_curve
-from pipeline.environment import RenderEnv
 from pipeline.gcpause import gc_paused
-from pipeline.keys import KeyTemplate, Slot, key_of, round_float
-from pipeline.models import T5_COMPONENTS, TEXT_COMPONENTS
-from pipeline.prompts import (
+from pipeline.plan.curves import parse_curve
+from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
+from pipeline.plan.prompts import (
     PARSER_VERSION,
     WEIGHTED_FAMILIES,
     load_tokenizer,
     may_be_long,
     may_need_parser,
 )
-from pipeline.scene import HELD, SCALARS, PromptPart, Scene
+from pipeline.render.environment import RenderEnv
+from pipeline.render.models import T5_COMPONENTS, TEXT_COMPONENTS
+from pipeline.scene.core import HELD, SCALARS, PromptPart, Scene
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1
@@ -357,8 +357,8 @@ class _Frames:
     and bools shared by long runs of frames) and its *values* (eased t, seeds, scalars, offsets: the
     numbers that change from frame to frame). Both are computed a column at a time over the whole
     scene, and :meth:`recipe` puts one frame's together. :meth:`recipe` only places values, it never
-    computes with them: called with :class:`~pipeline.keys.Slot` s in place of the values it gives
-    the skeleton of a :class:`~pipeline.keys.KeyTemplate` that every frame of that state shares, so
+    computes with them: called with :class:`~pipeline.plan.keys.Slot` s in place of the values it gives
+    the skeleton of a :class:`~pipeline.plan.keys.KeyTemplate` that every frame of that state shares, so
     one function decides both a frame's recipe and its key.
     """
 
@@ -578,7 +578,7 @@ def plan(scene: Scene, env: RenderEnv | None = None) -> Plan:
     files and the scene's inputs, but never imports torch), as ``render.py`` does.
     """
     if env is None:
-        from pipeline.environment import resolve_env
+        from pipeline.render.environment import resolve_env
 
         env = resolve_env(scene)
     # Planning allocates about ten objects per frame, none in a cycle.

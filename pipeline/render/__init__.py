@@ -1,0 +1,1 @@
+"""Rendering: models, the diffusers pipelines, and the loop that feeds them batches."""

@@ -1,0 +1,1 @@
+"""The on-disk cache: frames, embeddings, records and frame claims."""

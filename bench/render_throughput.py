@@ -122,7 +122,7 @@ def main() -> None:
     from pipeline.render.loop import encode_png
     from pipeline.render.models import load_pipeline, resolve_model
     from pipeline.render.renderer import configure
-    from pipeline.scene.core import load_scene
+    from pipeline.scene.load import load_scene
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []

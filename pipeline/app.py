@@ -13,7 +13,7 @@ go through this API; nothing else strings the stages together.
     report = session.render(progress=print)             # renders what is missing, writes outputs
     images = session.frames()                            # the frames as PIL images
 
-A frame travels: ``open`` validates the scene (``pipeline.scene.core``) and its outputs (``pipeline.render.loop``)
+A frame travels: ``open`` validates the scene (``pipeline.scene.load``) and its outputs (``pipeline.render.loop``)
 -> ``plan`` resolves the model and environment without torch (``pipeline.render.environment``) and expands the
 scene into keyed jobs (``pipeline.plan.planner``) -> ``render`` renders the jobs not in the cache
 (``pipeline.render.loop.Renders`` with ``pipeline.render.renderer``) and writes the outputs (``pipeline.outputs.assemble``).
@@ -63,8 +63,10 @@ from pipeline.render.models import (
     resolve_model,
     torch_device,
 )
-from pipeline.scene.core import Scene, check_against_model, load_scene, parse_scene
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.core import Scene
+from pipeline.scene.load import load_scene, parse_scene
+from pipeline.scene.modelrules import check_against_model
+from pipeline.scene.problems import SceneError
 from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
 from pipeline.store.claims import live_claims
 

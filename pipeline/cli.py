@@ -35,7 +35,7 @@ from pipeline.plan.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_t
 from pipeline.render.environment import RenderEnv
 from pipeline.render.models import RANDOM_WEIGHTS_NOTE
 from pipeline.scene.core import Scene
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.problems import SceneError
 from pipeline.store.cache import STORE_NAMES, CacheDir, CacheUnavailable
 
 DEFAULT_CACHE = default_cache_dir()

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.plan.planner import Plan, plan
 from pipeline.render.environment import RenderEnv
-from pipeline.scene.core import parse_scene
+from pipeline.scene.load import parse_scene
 
 ENV_DEFAULTS: dict[str, Any] = {
     "model": "tiny",

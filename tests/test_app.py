@@ -17,7 +17,7 @@ import pytest
 import pipeline
 from pipeline import paths
 from pipeline.app import InputError, Progress
-from pipeline.scene.yamlio import Problem
+from pipeline.scene.problems import Problem
 from tests.conftest import CountingRenderer as Counting
 
 ROOT = Path(__file__).resolve().parent.parent

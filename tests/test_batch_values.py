@@ -23,7 +23,7 @@ from pipeline.render.environment import resolve_env
 from pipeline.render.interpolate import conditioning
 from pipeline.render.models import load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, PerFrameGuidance, _denoiser, configure, injected_noise
-from pipeline.scene.core import load_scene
+from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 
 ROOT = Path(__file__).resolve().parent.parent

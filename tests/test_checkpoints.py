@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import pipeline
 from pipeline.render.checkpoints import inspect_checkpoint
 from pipeline.render.models import EMBEDDED_DIR, ModelError, ModelRef, load_pipeline, resolve_model
-from pipeline.scene.yamlio import Problem
+from pipeline.scene.problems import Problem
 from tests._ldm_layout import to_single_file, vae_to_ldm
 
 SCENE: dict[str, Any] = {

@@ -19,7 +19,8 @@ from PIL import Image
 from pipeline.outputs.assemble import rubber_band
 from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
-from pipeline.scene.core import load_scene, output_kind
+from pipeline.scene.load import load_scene
+from pipeline.scene.rules import output_kind
 from pipeline.store.cache import CacheDir
 from tests.conftest import run_render
 

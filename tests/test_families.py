@@ -17,7 +17,7 @@ from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
 from pipeline.render.models import load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, configure
-from pipeline.scene.core import load_scene
+from pipeline.scene.load import load_scene
 from pipeline.schedulers import SCHEDULERS, scheduler_names
 from pipeline.store.cache import CacheDir
 from tests.conftest import run_render

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.scene.core import parse_scene
 from pipeline.scene.importer import convert
+from pipeline.scene.load import parse_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

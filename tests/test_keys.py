@@ -26,7 +26,7 @@ from pipeline.plan.keys import (
 )
 from pipeline.plan.planner import plan
 from pipeline.render.environment import RenderEnv
-from pipeline.scene.core import parse_scene
+from pipeline.scene.load import parse_scene
 
 # -- canonical JSON ------------------------------------------------------------------------------
 

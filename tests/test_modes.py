@@ -17,7 +17,7 @@ from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
 from pipeline.render.models import load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, configure, motion
-from pipeline.scene.core import load_scene
+from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 from tests.conftest import run_render
 
@@ -270,8 +270,8 @@ def test_feedback_without_init_image_starts_from_a_txt2img_frame(tmp_path: Path)
 
 
 def test_flat_depth_map_is_refused_before_loading(tmp_path: Path) -> None:
-    from pipeline.scene.core import load_scene as load
-    from pipeline.scene.yamlio import SceneError
+    from pipeline.scene.load import load_scene as load
+    from pipeline.scene.problems import SceneError
 
     scene = scene_in(
         tmp_path,

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.render.loop import _settings, check_outputs
-from pipeline.scene.core import load_scene
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.load import load_scene
+from pipeline.scene.problems import SceneError
 from tests.conftest import run_render as render
 
 SCENE = """\

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.plan.history import frame_status, load_plan, save_plan
 from pipeline.plan.planner import plan
-from pipeline.scene.core import load_scene
+from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 
 ROOT = Path(__file__).resolve().parents[1]

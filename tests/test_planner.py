@@ -672,7 +672,7 @@ def test_planner_does_not_import_torch():
         import sys
         from pipeline.render.environment import RenderEnv
         from pipeline.plan.planner import plan
-        from pipeline.scene.core import parse_scene
+        from pipeline.scene.load import parse_scene
         env = RenderEnv(model="tiny", pipeline_class="StableDiffusionPipeline", family="sd",
                         fingerprint={"unet": "u"}, scheduler_config={})
         scene = parse_scene("keyframes:\\n  - {frame: 0, prompt: a dog}\\n  - {frame: 4, prompt: a cat}\\n", "s.yaml")

@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.plan.planner import plan
 from pipeline.render.environment import RenderEnv, resolve_env
 from pipeline.render.interpolate import noise_for
-from pipeline.scene.core import load_scene, parse_scene
+from pipeline.scene.load import load_scene, parse_scene
 from pipeline.store.cache import CacheDir
 from tests.conftest import run_render as render
 

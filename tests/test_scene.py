@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scene.core import (
-    Output,
-    PromptPart,
-    Scene,
-    load_scene,
-    output_kind,
-    parse_frame_ref,
-    parse_scene,
-)
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.core import Scene
+from pipeline.scene.load import load_scene, parse_scene
+from pipeline.scene.problems import SceneError
+from pipeline.scene.rules import output_kind
+from pipeline.scene.schema import Output, PromptPart
+from pipeline.scene.timeline import parse_frame_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 

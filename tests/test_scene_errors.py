@@ -27,8 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.scene.core import Scene, check_against_model, load_scene, parse_scene
-from pipeline.scene.yamlio import Problem, SceneError
+from pipeline.scene.core import Scene
+from pipeline.scene.load import load_scene, parse_scene
+from pipeline.scene.modelrules import check_against_model
+from pipeline.scene.problems import Problem, SceneError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "corpus"

@@ -1,8 +1,9 @@
 """Deforum schedule strings, the formulas in them, and the shared prompt parts (prefix and suffix).
 
-Both become ordinary keyframes when the scene loads (``pipeline.scene.core``); these tests plan scenes
-with the hand-built env of tests/conftest.py (no model) and compare keys and values with scenes
-written as keyframes, or with values computed here by hand.
+Both become ordinary keyframes when the scene loads (``pipeline.scene.scheduled`` and
+``pipeline.scene.core``); these tests plan scenes with the hand-built env of tests/conftest.py (no
+model) and compare keys and values with scenes written as keyframes, or with values computed here by
+hand.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import yaml
 
 from pipeline.outputs.record import resolved_scene
 from pipeline.plan.keys import round_float
-from pipeline.scene.core import join_prompt, parse_scene
+from pipeline.scene.core import join_prompt
+from pipeline.scene.load import parse_scene
+from pipeline.scene.problems import SceneError
 from pipeline.scene.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
-from pipeline.scene.yamlio import SceneError
 
 
 def guidance(plan) -> list[float]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import pipeline.scene.yamlio as yamlio
-from pipeline.scene.yamlio import SceneError, load_yaml_lenient
+from pipeline.scene.problems import SceneError
+from pipeline.scene.yamlio import load_yaml_lenient
 
 ROOT = Path(__file__).resolve().parents[1]
 # 65_not_utf8.yaml is left out: it is refused before YAML is parsed (tests/test_scene_errors.py).
@@ -185,7 +186,7 @@ def test_mangled_scenes_are_always_located_problems_never_a_crash() -> None:
     """Seeded random edits of every example and corpus file: only SceneErrors of one-line problems."""
     import random
 
-    from pipeline.scene.core import parse_scene
+    from pipeline.scene.load import parse_scene
 
     rng = random.Random(10)
     texts = [f.read_text() for f in FILES]

@@ -34,7 +34,9 @@ import yaml
 
 from pipeline.outputs.assemble import atomic_output
 from pipeline.plan.planner import Plan
-from pipeline.scene.core import SCALARS, Scene, output_kind
+from pipeline.scene.core import Scene
+from pipeline.scene.rules import output_kind
+from pipeline.scene.schema import SCALARS
 
 RECORD_VERSION = 1
 # Distributions whose versions a record lists (read from package metadata: nothing is imported).

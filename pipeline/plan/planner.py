@@ -41,7 +41,8 @@ from pipeline.plan.prompts import (
 )
 from pipeline.render.environment import RenderEnv
 from pipeline.render.models import T5_COMPONENTS, TEXT_COMPONENTS
-from pipeline.scene.core import HELD, SCALARS, PromptPart, Scene
+from pipeline.scene.core import Scene
+from pipeline.scene.schema import HELD, SCALARS, PromptPart
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1

@@ -25,7 +25,8 @@ from pipeline.render.models import (
     memo_digest,
     resolve_model,
 )
-from pipeline.scene.core import IMAGE_FIELDS, Scene
+from pipeline.scene.core import Scene
+from pipeline.scene.schema import IMAGE_FIELDS
 
 
 @dataclass(frozen=True)

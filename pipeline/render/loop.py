@@ -32,8 +32,10 @@ from pipeline.plan.keys import key_of
 from pipeline.plan.planner import Plan
 from pipeline.render.environment import RenderEnv, input_files
 from pipeline.render.models import ModelError, ModelRef
-from pipeline.scene.core import Output, Scene, output_kind
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.core import Scene
+from pipeline.scene.problems import SceneError
+from pipeline.scene.rules import output_kind
+from pipeline.scene.schema import Output
 from pipeline.store.cache import CacheDir, record_key
 
 # 2: MP4s carry a comment and frames folders their parameters as PNG text chunks; 3: GIFs have one

@@ -1,6 +1,6 @@
 """The JSON Schema of the scene format, for editors (``render.py schema``, ``scenes/scene.schema.json``).
 
-Made from the pydantic models of ``pipeline.scene.core`` (``Scene.model_json_schema()``), then completed
+Made from the pydantic models of ``pipeline.scene.schema`` (``Scene.model_json_schema()``), then completed
 here: a description for every key, the allowed names where the models take any text (schedulers,
 curves), and the shorthands the loader accepts before the models see them (``prompt: "a dog"``,
 ``noise: travel``, ``outputs: [a.gif]``, ``frame: 2.5s``)::
@@ -23,7 +23,9 @@ import json
 from typing import Any
 
 from pipeline.plan.curves import CURVES
-from pipeline.scene.core import SCHEDULABLE, Scene, embedded_models
+from pipeline.render.models import embedded_models
+from pipeline.scene.core import Scene
+from pipeline.scene.scheduled import SCHEDULABLE
 from pipeline.schedulers import SCHEDULERS
 
 SCHEMA_FILE = "scene.schema.json"

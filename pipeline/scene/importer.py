@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from pipeline.scene.inputfiles import read_scene_bytes
+from pipeline.scene.problems import Problem, shorten
 from pipeline.scene.schedules import EvalError, ScheduleError, parse_schedule, schedule_values
-from pipeline.scene.yamlio import Problem, shorten
 
 FORMATS = "a Parseq JSON export (with 'rendered_frames') or a Deforum settings file (with 'prompts')"
 

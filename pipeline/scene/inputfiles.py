@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from pipeline.scene.yamlio import Problem, SceneError, shorten
+from pipeline.scene.problems import Problem, SceneError, shorten
 
 # A scene keyed at each of 100,000 frames, in block style with a long prompt, a negative prompt and
 # eight values per keyframe, is 33 MiB; twice that is allowed. Anything larger is not a scene.

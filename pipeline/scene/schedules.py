@@ -2,7 +2,7 @@
 
 A schedule gives a value at some frames; a point may be a formula of the frame ``t``, as Deforum
 allows (``0:(1.0 + 0.02*sin(2*pi*t/24))``). Scene loading turns a schedule into keyframes of that
-value's track (``pipeline.scene.core``), so the planner only ever sees keyframes::
+value's track (``pipeline.scene.scheduled``), so the planner only ever sees keyframes::
 
     points = parse_schedule("0:(7.5), 30:(9 + sin(t))")     # ScheduleError(offset, message) if malformed
     schedule_values(points, total=48, names={"max_f": 47, "s": 0})

@@ -9,7 +9,7 @@ usual mistakes and says them plainly::
 
 Also here: how a Deforum schedule ('0: (7.5), 30: (9)') is recognised where it cannot go (inside a
 keyframe, unquoted with ': ' in it, under Deforum's own name) and what to write instead, used both
-for syntax errors and for values of the wrong type (``pipeline.scene.core``).
+for syntax errors and for values of the wrong type (``pipeline.scene.messages``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import re
 
 import yaml
 
-from pipeline.scene.yamlio import Problem, shorten
+from pipeline.scene.problems import Problem, shorten
 
 # A Deforum schedule, '0: (7.5), 30: (9)': frame numbers with values in parentheses.
 DEFORUM_SCHEDULE = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*:\s*\(")
 
 
-# The values that take a schedule string at the top level (``pipeline.scene.core.SCHEDULABLE``).
+# The values that take a schedule string at the top level (``pipeline.scene.scheduled.SCHEDULABLE``).
 SCHEDULE_VALUES: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
 # Deforum's and Parseq's names of those values.
 DEFORUM_NAMES: dict[str, str] = {

@@ -13,14 +13,15 @@ records the line and column of every value so that later validation can point at
     doc.data["keyframes"][1]["prompt"]
     doc.where(("keyframes", 1, "prompt"))      # -> (12, 13)
 
-Every problem found is collected as a :class:`Problem`; :class:`SceneError` carries all of them.
+Every problem found is collected as a :class:`Problem` (``pipeline.scene.problems``); :class:`SceneError`
+carries all of them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,48 +31,15 @@ from yaml.events import AliasEvent, ScalarEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import BaseResolver
 
+from pipeline.scene.problems import Problem, SceneError
+from pipeline.scene.yamlerrors import syntax_problem
+
 try:  # libyaml, when PyYAML was built with it (the usual wheels are)
     from yaml.cyaml import CParser
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
     CParser = None
 
 Path_ = tuple[str | int, ...]
-
-
-# Characters that would break a problem's one line: control characters (a "\\n" in a quoted value is
-# a real newline) and the Unicode line and paragraph separators that str.splitlines() splits at.
-_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def one_line(text: str) -> str:
-    """``text`` with every control character written as its escape (a newline as '\\n')."""
-    return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a scene file, at a 1-based line and column; always one line of text."""
-
-    file: str
-    line: int
-    col: int
-    message: str
-
-    def __post_init__(self) -> None:
-        # A value quoted in a message may hold a newline ("a\\nb.gif"); the message stays one line.
-        if _LINE_BREAKING.search(self.message):
-            object.__setattr__(self, "message", one_line(self.message))
-
-    def __str__(self) -> str:
-        return f"{one_line(self.file)}:{self.line}:{self.col}: {self.message}"
-
-
-class SceneError(Exception):
-    """A scene file is invalid; carries every problem found, in file order."""
-
-    def __init__(self, problems: Sequence[Problem]):
-        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.col))
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 @dataclass
@@ -266,8 +234,6 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
             ]
         ) from None
     except yaml.MarkedYAMLError as exc:
-        from pipeline.scene.yamlerrors import syntax_problem  # only a file that does not parse needs it
-
         raise SceneError([syntax_problem(exc, text, file)]) from None
     except yaml.reader.ReaderError as exc:  # control characters and other unprintable input
         line, col = _line_col(text, exc.position)
@@ -295,11 +261,6 @@ def load_yaml_lenient(text: str, file: str) -> tuple[YamlDoc, list[Problem]]:
         )
     doc.data = _build(root, (), doc, problems)
     return doc, [Problem(file, ln, col, msg) for ln, col, msg in problems]
-
-
-def shorten(text: str, limit: int = 60) -> str:
-    """``text``, or its start and its length when it is long: a 5,000-digit "number" is one line, not a page."""
-    return text if len(text) <= limit else f"{text[: max(limit - 20, 10)]}... ({len(text)} characters)"
 
 
 def _compose(text: str, problems: list[tuple[int, int, str]]) -> Node | None:

@@ -128,7 +128,7 @@ def plan_of(scene: Path, **env_changes: Any) -> Any:
 
     from pipeline.plan.planner import plan
     from pipeline.render.environment import resolve_env
-    from pipeline.scene.core import load_scene
+    from pipeline.scene.load import load_scene
 
     parsed = load_scene(scene)
     env = resolve_env(parsed, device="cpu")

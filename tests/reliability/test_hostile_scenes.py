@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.scene.core import load_scene
 from pipeline.scene.inputfiles import MAX_SCENE_BYTES
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.load import load_scene
+from pipeline.scene.problems import SceneError
 from tests.reliability._helpers_inputs import ROOT, cli_probe
 
 PROBLEM_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<message>.+)$")

@@ -31,7 +31,7 @@ from pipeline import app
 from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
 from pipeline.render.models import InputChanged
-from pipeline.scene.core import load_scene
+from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 from tests.reliability._helpers_inputs import (
     ROOT,

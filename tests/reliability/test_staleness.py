@@ -456,7 +456,7 @@ def test_incremental_render_equals_cold_render(
 def test_env_edit_helpers_change_only_what_they_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The library-version simulation reaches resolve_env (the plan) and nothing else in the env."""
     from pipeline.render.environment import resolve_env
-    from pipeline.scene.core import load_scene
+    from pipeline.scene.load import load_scene
 
     scene = make_base(tmp_path, "A")
     parsed = load_scene(scene)

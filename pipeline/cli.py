@@ -441,7 +441,8 @@ def import_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the scene file if it exists."),
 ) -> None:
     """Turn a Parseq export or a Deforum settings file into a scene YAML, and say what it could not carry over."""
-    from pipeline.scene.importer import ImportFailed, convert
+    from pipeline.scene.import_common import ImportFailed
+    from pipeline.scene.importer import convert
 
     target = out or source.with_suffix(".yaml")
     try:

@@ -113,4 +113,3 @@ def join_prompt_parts(scene: SceneFields) -> None:
             kf.prompt_prefix = kf.prompt_suffix = None
     if scene.prompt_prefix is not None or scene.prompt_suffix is not None:
         scene.prompt_prefix = scene.prompt_suffix = None
-

@@ -103,7 +103,6 @@ def _parse_scene(
     return scene
 
 
-
 def _validate(doc: YamlDoc, context: Loading) -> tuple[Scene | None, list[Problem]]:
     """Type-check; on errors, set the offending values aside and retry, so the rules can run too.
 
@@ -195,4 +194,3 @@ def _kind(name: str) -> str:
     return {"list": "list", "str": "single value", "int": "number", "float": "number", "bool": "boolean"}.get(
         name, name
     )
-

@@ -206,4 +206,3 @@ def problem_from_pydantic(doc: YamlDoc, err: Any) -> Problem:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return doc.problem(clean, f"{where}: {err['msg'].lower()}, got {describe(value)}")
     return doc.problem(clean, f"{where}: {err['msg']}")
-

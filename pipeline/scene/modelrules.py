@@ -151,7 +151,9 @@ def _check_embeddings_against(scene: SceneFields, doc: YamlDoc, folder: Path, na
     return problems
 
 
-def _check_clip_skip(scene: SceneFields, doc: YamlDoc, folder: Path, family: str, named: str) -> list[Problem]:
+def _check_clip_skip(
+    scene: SceneFields, doc: YamlDoc, folder: Path, family: str, named: str
+) -> list[Problem]:
     """``clip_skip`` within the layers of the model's text encoders (an IndexError once loaded)."""
     # SD 1.x/2.x take the last layer's output for clip_skip 0; SDXL and SD3 the one before it.
     offset = 1 if family == "sd" else 2

@@ -216,4 +216,3 @@ def output_kind(out: Output) -> str | None:
         return kind_for_path(out.path)
     except ValueError:
         return None
-

@@ -92,7 +92,9 @@ def _bounds(name: str) -> tuple[float | None, float | None, bool]:
     """A scalar's lowest and highest value (and whether the lowest is excluded), from the model."""
     low = high = None
     above = False
-    field_info = Lora.model_fields["scale"] if name not in SceneFields.model_fields else SceneFields.model_fields[name]
+    field_info = (
+        Lora.model_fields["scale"] if name not in SceneFields.model_fields else SceneFields.model_fields[name]
+    )
     for m in field_info.metadata:
         if getattr(m, "ge", None) is not None:
             low = m.ge
@@ -103,7 +105,9 @@ def _bounds(name: str) -> tuple[float | None, float | None, bool]:
     return low, high, above
 
 
-def check_schedules(scene: SceneFields, doc: YamlDoc, declared_total: int | None, total: int) -> list[Problem]:
+def check_schedules(
+    scene: SceneFields, doc: YamlDoc, declared_total: int | None, total: int
+) -> list[Problem]:
     """Evaluate each schedule over the scene's frames; problems at the column they are about."""
     problems: list[Problem] = []
 
@@ -176,9 +180,7 @@ def schedules_to_keyframes(scene: SceneFields) -> None:
         points = sched.values
         lora_name = scene.lora_name(scene.loras[sched.lora]) if sched.lora is not None else None
 
-        def put(
-            frame: int, value: float, sched: Schedule = sched, lora_name: str | None = lora_name
-        ) -> None:
+        def put(frame: int, value: float, sched: Schedule = sched, lora_name: str | None = lora_name) -> None:
             if lora_name is None:
                 updates.setdefault(frame, {})[sched.name] = value
             else:
@@ -214,4 +216,3 @@ def schedules_to_keyframes(scene: SceneFields) -> None:
     scene.keyframes = merged
     scene._keyframe_frames = merged_frames
     scene._written_index = index
-

@@ -202,8 +202,6 @@ class Lora(_Strict):
     scale: LoraScale = 1.0
 
 
-
-
 class SceneFields(_Strict):
     """A whole scene file's fields. Top-level scalars are the values at frame 0 unless a keyframe there sets them.
 
@@ -321,4 +319,3 @@ class SceneFields(_Strict):
         if self.grid is not None:
             outs.append(Output(path=f"{self.name}_grid.png", cols=self.grid.cols))
         return outs
-

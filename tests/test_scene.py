@@ -9,6 +9,7 @@ import json
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -314,6 +315,19 @@ def test_circle_noise(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Walks and grids
+
+
+def test_a_walk_built_with_model_validate_plans_its_frames(make_env: Any) -> None:
+    """The timeline comes from the Scene itself: a walk built in code plans as the same walk loaded."""
+    from pipeline.plan.planner import plan
+
+    walk = {"walk": {"prompt": "a dog", "frames": 4, "step_size": 0.02}, "size": [64, 64], "steps": 2}
+    built = Scene.model_validate(walk)
+    assert (built.total_frames, built.keyframe_frames) == (4, [])
+    loaded = parse_scene(json.dumps(walk), "scene.yaml")
+    jobs = plan(built, make_env())
+    assert [j.frame for j in jobs] == [0, 1, 2, 3]
+    assert [j.key for j in jobs] == [j.key for j in plan(loaded, make_env())]
 
 
 def test_walk_total_frames(tmp_path: Path) -> None:

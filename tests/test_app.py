@@ -193,7 +193,8 @@ def test_help_version_and_usage_lines() -> None:
 
 def test_the_data_stages_import_no_torch() -> None:
     code = (
-        "import sys; import pipeline, pipeline.app, pipeline.scene.core, pipeline.plan.planner, pipeline.outputs.assemble, "
+        "import sys; import pipeline, pipeline.app, pipeline.scene.load, pipeline.scene.importer, pipeline.plan.planner, "
+        "pipeline.outputs.assemble, "
         "pipeline.cli; pipeline.open; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )

@@ -66,7 +66,7 @@ from pipeline.render.models import (
 from pipeline.scene.core import Scene
 from pipeline.scene.load import load_scene, parse_scene
 from pipeline.scene.modelrules import check_against_model
-from pipeline.scene.problems import SceneError
+from pipeline.scene.problems import Problem, SceneError  # noqa: F401 - Problem is part of the API (_API)
 from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
 from pipeline.store.claims import live_claims
 

@@ -36,6 +36,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pipeline.audio.model import Audio, audio_ref
+from pipeline.audio.rules import check_audio, drive_values, take_drives
+from pipeline.audio.timeline import AUDIO_CURVE
 from pipeline.gcpause import gc_paused
 from pipeline.plan import curves
 from pipeline.scene.inputfiles import (
@@ -103,14 +106,16 @@ def _text_to_parts(value: Any) -> Any:
 
 def _frame_ref(value: Any) -> Any:
     """A keyframe's frame: a whole number, or seconds like '2.5s'; one clear message otherwise."""
-    if (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, str) and _SECONDS.match(value.strip())
+    if (
+        (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, str) and _SECONDS.match(value.strip()))
+        or audio_ref(value) is not None
     ):
         return value
     raise PydanticCustomError(
         "frame_ref",
-        "{got} is not a frame; write a whole number like 24 or seconds like 2.5s",
-        {"got": _describe(value)},
+        "{got} is not a frame; write a whole number like 24 or seconds like 2.5s (or {ref} of the scene's audio)",
+        {"got": _describe(value), "ref": "{beat: 8} or {onset: 3}"},
     )
 
 
@@ -167,7 +172,7 @@ Prompt = Annotated[list[PromptPart], BeforeValidator(_text_to_parts), Field(min_
 class Keyframe(_Strict):
     """Values set at one frame. Scalars are eased in with ``curve``; ``hold`` keeps them until the next one."""
 
-    frame: Annotated[int | str, BeforeValidator(_frame_ref)]
+    frame: Annotated[int | str | dict[str, int], BeforeValidator(_frame_ref)]
     prompt: Prompt | None = None
     prompt_prefix: str | None = None
     prompt_suffix: str | None = None
@@ -293,6 +298,7 @@ class Scene(_Strict):
     walk: Walk | None = None
     grid: Grid | None = None
     outputs: list[Annotated[Output, BeforeValidator(_text_to_mapping("path"))]] | None = None
+    audio: Audio | None = None  # the soundtrack (pipeline.audio): muxed into MP4s, beats, driven values
 
     # Filled in by load_scene after the rules pass: where the file is and what its frame refs mean.
     _path: Path = PrivateAttr(default=Path("scene.yaml"))
@@ -303,6 +309,9 @@ class Scene(_Strict):
     # they are keyframes, each keyframe's index in the file (None for a keyframe a schedule made).
     _schedules: dict[str, Any] = PrivateAttr(default_factory=dict)
     _written_index: list[int | None] | None = PrivateAttr(default=None)
+    # The soundtrack on the frame axis (pipeline.audio.timeline), and the values it drives.
+    _audio: Any = PrivateAttr(default=None)
+    _audio_drives: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _timeline(self, info: ValidationInfo) -> Scene:
@@ -471,12 +480,15 @@ def _parse_scene(
         )
     schedules, schedule_problems = _take_schedules(doc, text)
     problems += schedule_problems
+    drives, drive_problems = take_drives(doc, SCALARS)
+    problems += drive_problems
     scene, type_problems, removed = _validate(doc)
     problems += type_problems
     if scene is not None:
         scene._path = (base_path or Path(shown)).resolve()
         scene._doc = doc
         scene._schedules = schedules
+        scene._audio_drives = drives
         problems += _check_rules(scene, doc, allow_outside_inputs=allow_outside_inputs, removed=removed)
     if problems:
         # One problem per place: a rule (or a type check) about a value already reported repeats it.
@@ -489,6 +501,8 @@ def _parse_scene(
         raise SceneError(unique)
     assert scene is not None
     _join_prompt_parts(scene)
+    for name, values in drive_values(scene).items():  # audio-driven values: a point at every frame
+        schedules[name] = _Schedule(name, "", [], *doc.where((name,)), False, values=values)
     if schedules:
         _schedules_to_keyframes(scene)
     return scene
@@ -1043,11 +1057,15 @@ def _check_rules(
 
     add = problems.append
     fps = scene.fps
+    # 0. The soundtrack first: keyframes on its beats become frame numbers here.
+    problems += check_audio(scene, doc, gone, allow_outside_inputs=allow_outside_inputs, bounds=_bounds)
 
     # 1. Names: curves, scheduler, model.
     for path, spec in [(("curve",), scene.curve)] + [
         (("keyframes", i, "curve"), kf.curve) for i, kf in enumerate(scene.keyframes) if kf.curve is not None
     ]:
+        if spec.strip() == AUDIO_CURVE:
+            continue  # checked with the soundtrack
         try:
             curves.parse_curve(spec)
         except ValueError as exc:
@@ -1381,6 +1399,7 @@ def _check_modes_and_files(
             if value is not None:
                 files.append((("keyframes", i, name), value))
     files += [(("embeddings", i, "path"), e.path) for i, e in enumerate(scene.embeddings)]
+    files += [(("audio", "path"), scene.audio.path)] if scene.audio is not None else []
     sizes: dict[str, tuple[int, int]] = {}
     files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
     for at, rel in files:

@@ -6,6 +6,7 @@ tone that gets louder. librosa is the optional extra [audio] (setup.sh installs 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from itertools import pairwise
@@ -244,6 +245,10 @@ def test_plan_and_plot_show_the_beats(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "audio song.wav from 0s: 5 beats (117.454 bpm) at frames 6, 12, 18, 24, 30" in out
     assert "beats in red" in (tmp_path / "values.svg").read_text()
     assert not (tmp_path / "c").exists()  # --plan creates no cache
+    with pytest.raises(SystemExit):
+        main([str(path), "--plan", "--json", "--cache-dir", str(tmp_path / "c")])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["frame"] for r in rows if r["beat"]] == [6, 12]
 
 
 def test_the_analysis_is_cached(tmp_path: Path) -> None:
@@ -335,6 +340,11 @@ HEAD = "model: tiny\nsize: [32, 32]\nsteps: 2\n"
             "start 60s is past the end of 'song.wav'",
         ),
         (
+            "audio: {path: song.wav, start: -1}\nkeyframes:\n  - {frame: 0, prompt: a dog}\n",
+            "scene.yaml:4:",
+            "-1 is not a time in the song",
+        ),
+        (
             "keyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 9, prompt: a cat, curve: audio}\n",
             "scene.yaml:6:",
             "curve audio follows the soundtrack's onsets, and the scene has none",
@@ -371,6 +381,7 @@ HEAD = "model: tiny\nsize: [32, 32]\nsteps: 2\n"
         "beat_past_end",
         "onset_zero",
         "start_past_end",
+        "start_negative",
         "curve_no_audio",
         "drive_no_audio",
         "beat_no_audio",

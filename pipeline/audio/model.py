@@ -44,7 +44,9 @@ def _start(value: Any) -> Any:
     if isinstance(value, str) and _SECONDS.match(value.strip()):
         return value
     raise PydanticCustomError(
-        "audio_start", "{got!r} is not a time in the song; write seconds like 12.5s or 12.5", {"got": value}
+        "audio_start",
+        "{got} is not a time in the song; write seconds from 0, like 12.5s or 12.5",
+        {"got": repr(value)[:40]},
     )
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+from PIL import Image
 
 import pipeline
+from pipeline.audio.analysis import settings
 from pipeline.audio.store import analysis_key
 from pipeline.audio.timeline import scene_timeline
 from pipeline.scene.core import load_scene
@@ -153,8 +155,6 @@ def test_bands_follow_their_own_tone(tmp_path: Path) -> None:
         "guidance: {audio: bass, min: 5, max: 9}\nstrength: {band: [5000, 7000], min: 0.2, max: 0.8}\n"
         "keyframes:\n  - {frame: 0, prompt: a dog}\n  - {frame: 47, prompt: a cat}\n",
     )
-    from PIL import Image
-
     Image.new("RGB", (32, 32), "gray").save(tmp_path / "in.png")
     jobs = pipeline.open(path).plan()
     guidance = [j.recipe["scalars"]["guidance"] for j in jobs]
@@ -264,17 +264,11 @@ def test_the_analysis_is_cached(tmp_path: Path) -> None:
     with CacheDir(cache_dir) as cache:
         stored = cache.records.get_json(timeline.key)
         assert stored == timeline.analysis
-        assert timeline.key == analysis_key(timeline.sha256, _settings_of(timeline))
+        assert timeline.key == analysis_key(timeline.sha256, settings())
         # A re-plan reads the analysis from the cache: a doctored one shows.
         cache.records.put_json(timeline.key, {**stored, "beats": [0.5, 2.0, 2.5]})
     assert pipeline.open(path, cache_dir=cache_dir).scene.keyframe_frames == [0, 24]
     assert load_scene(path).keyframe_frames == [0, 12]  # no cache: analysed afresh
-
-
-def _settings_of(timeline: object) -> dict[str, object]:
-    from pipeline.audio.analysis import settings
-
-    return settings()
 
 
 def test_scenes_without_audio_do_not_import_librosa() -> None:

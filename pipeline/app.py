@@ -37,6 +37,8 @@ from typing import Any, Protocol
 import yaml
 
 from pipeline import _API
+from pipeline.audio.store import analysis_cache
+from pipeline.audio.store import remember_scene_analysis as remember_analysis
 from pipeline.cpu import choose_threads
 from pipeline.outputs.preview import (
     Draft,
@@ -248,7 +250,8 @@ class Session:
         self._memo_changes: dict[str, Any] | None = None
         self._rendered = False
         try:
-            self.scene = _load(source, allow_outside_inputs, base_dir, name)
+            with analysis_cache(self.cache_dir):  # the soundtrack's analysis, if any, is cached there
+                self.scene = _load(source, allow_outside_inputs, base_dir, name)
             if draft is not None:
                 try:  # another scene, with its own keys: the overrides apply before anything is planned
                     self.scene = draft_scene(self.scene, draft)
@@ -430,6 +433,7 @@ class Session:
             cached = readable_frames(cache, p)
             if self._memo_changes is not None:
                 cache.records.put_json(record_key("file-digests"), self._memo_changes)
+            remember_analysis(cache, scene)  # made before the cache existed (a first render)
             if self.device == "auto" and any(j.key not in cached for j in p):
                 # Rendering imports torch anyway: let it confirm the device guessed without it.
                 actual = torch_device()

@@ -28,6 +28,7 @@ import typer
 
 from pipeline import __version__
 from pipeline import app as api
+from pipeline.audio.timeline import scene_timeline
 from pipeline.outputs.preview import Draft, parse_frames, parse_size
 from pipeline.paths import default_cache_dir
 from pipeline.plan.planner import Plan
@@ -154,6 +155,8 @@ def _frame_tokens(cond: dict[str, Any], counts: dict[str, TokenCount]) -> dict[s
 def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json: bool) -> None:
     describe = _Describe(p)
     counts = _prompt_counts(scene, env, p)
+    timeline = scene_timeline(scene)
+    beats = set(timeline.ref_frames("beat")) if timeline is not None and timeline.analysis else None
     if as_json:
         rows = [
             {
@@ -167,6 +170,7 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
                 "noise": j.recipe["noise"],
                 "scalars": j.recipe["scalars"],
                 "mode": j.recipe["mode"]["mode"],
+                **({"beat": j.frame in beats} if beats is not None else {}),
             }
             for j, s in zip(p, status, strict=True)
         ]
@@ -199,6 +203,8 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
             typer.echo(
                 f"prompt {text!r}: {count.tokens} tokens, encoded in {count.chunks} chunks of {CHUNK_TOKENS}"
             )
+    if timeline is not None:
+        typer.echo(timeline.describe())  # where the beats fall
     cached = sum(1 for s in status if s == "cached")
     claimed = sum(1 for s in status if s.startswith("claimed by"))
     busy = f" ({claimed} of them being rendered by another process)" if claimed else ""

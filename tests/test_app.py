@@ -51,7 +51,9 @@ def test_the_package_exports_the_api() -> None:
     for name in pipeline._API:  # every name the package lists resolves
         assert name in dir(pipeline)
         assert getattr(pipeline, name) is not None
-    assert {"open", "Session", "Report", "Progress", "InputError", "RenderError", "Problem"} <= set(pipeline._API)
+    assert {"open", "Session", "Report", "Progress", "InputError", "RenderError", "Problem"} <= set(
+        pipeline._API
+    )
     with pytest.raises(AttributeError):
         pipeline.no_such_name  # noqa: B018 - the lookup is what is tested
 

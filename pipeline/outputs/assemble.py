@@ -29,11 +29,13 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from PIL import GifImagePlugin, Image
+
+from pipeline.audio.mux import mux
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -380,11 +382,19 @@ def _check_size(frame: Image.Image, index: int, expected: tuple[int, int] | None
 
 
 def write_mp4(
-    path: Path, frames: Sequence[Image.Image], fps: float, *, quality: int = 8, comment: str | None = None
+    path: Path,
+    frames: Sequence[Image.Image],
+    fps: float,
+    *,
+    quality: int = 8,
+    comment: str | None = None,
+    audio: Mapping[str, Any] | None = None,
+    audio_file: Path | None = None,
 ) -> None:
     """Write an H.264 (libx264, yuv420p) MP4, streaming one frame at a time into ffmpeg.
 
     ``comment`` goes into the file's metadata (``ffprobe`` shows it as ``comment``; players list it).
+    ``audio_file``: a soundtrack from ``audio["start"]`` seconds, cut to the video (``pipeline.audio.mux``).
 
     ``quality`` is imageio's 1-10 scale (10 best; 8 is CRF 10, visually lossless for typical
     renders). Width and height must be even (yuv420p halves the chroma planes); frames are never
@@ -434,6 +444,10 @@ def write_mp4(
                 writer.close()
             raise
         writer.close()
+        if audio_file is not None:
+            mux(
+                tmp, Path(audio_file), start=float((audio or {}).get("start", 0.0)), seconds=len(frames) / fps
+            )
         # imageio-ffmpeg does not check ffmpeg's exit status (a full disk truncates the file and only
         # prints a message): read the file back and count its frames before it may replace the old one.
         _check_mp4(tmp, path, len(frames))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.audio.timeline import scene_timeline
 from pipeline.outputs.assemble import atomic_output
 from pipeline.outputs.record import flat, frame_row, table_columns
 from pipeline.plan.planner import Plan
@@ -49,12 +50,19 @@ def plot_values(plan: Plan) -> dict[str, list[float]]:
 
 
 def write_plot(
-    plan: Plan, path: Path, *, title: str = "", keyframes: Sequence[int] = (), fps: float | None = None
+    plan: Plan,
+    path: Path,
+    *,
+    title: str = "",
+    keyframes: Sequence[int] = (),
+    fps: float | None = None,
+    beats: Sequence[int] = (),
 ) -> list[str]:
     """Draw :func:`plot_values` to ``path`` (PNG or SVG by suffix), atomically; returns the values drawn.
 
-    One panel per value that changes, sharing the frame axis, with the keyframes as dotted lines;
-    the values that stay the same are named with their value under the panels.
+    One panel per value that changes, sharing the frame axis, with the keyframes as dotted lines
+    and the soundtrack's ``beats`` (frames) as faint red lines; the values that stay the same are
+    named with their value under the panels.
     """
     import matplotlib
 
@@ -74,12 +82,16 @@ def write_plot(
                 ax.set_ylabel(_LABELS.get(name, name), rotation=0, ha="right", va="center")
                 for k in keyframes:
                     ax.axvline(k, color="0.6", linestyle=":", linewidth=0.8)
+                for b in beats:
+                    ax.axvline(b, color="tab:red", alpha=0.35, linewidth=0.8)
                 ax.grid(True, axis="y", color="0.9")
             if not moving:
                 axes[0, 0].text(0.5, 0.5, "no value changes over the frames", ha="center", va="center")
                 axes[0, 0].set_yticks([])
             bottom = axes[-1, 0]
-            bottom.set_xlabel("frame" + (f" ({fps:g} fps)" if fps else ""))
+            bottom.set_xlabel(
+                "frame" + (f" ({fps:g} fps)" if fps else "") + ("; beats in red" if beats else "")
+            )
             bottom.set_xlim(0, max(len(plan) - 1, 1))
             if title:
                 fig.suptitle(title)
@@ -97,6 +109,13 @@ def write_plot(
 def scene_plot(session: Any, path: Path) -> list[str]:
     """The plot of an open session's scene (what ``--plot`` writes)."""
     scene = session.scene
+    timeline = scene_timeline(scene)
+    beats = timeline.ref_frames("beat") if timeline is not None and timeline.analysis else []
     return write_plot(
-        session.plan(), path, title=scene.path.name, keyframes=scene.written_keyframe_frames, fps=scene.fps
+        session.plan(),
+        path,
+        title=scene.path.name,
+        keyframes=scene.written_keyframe_frames,
+        fps=scene.fps,
+        beats=[b for b in beats if b < len(session.plan())],
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+from pipeline.audio.timeline import AudioCurve, curve_parser
 from pipeline.gcpause import gc_paused
 from pipeline.plan.curves import parse_curve
 from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
@@ -179,6 +180,8 @@ class _Track:
                 ts += [0.0] * (end - start)
                 continue
             curve, span = self.curves[i + 1], frames[i + 1] - start
+            if isinstance(curve, AudioCurve):  # curve: audio depends on the span, not on u alone
+                curve = curve.between(start, frames[i + 1])
             there, between = (i + 1, i + 1), (i, i + 1)
             eased = [round_float(curve((n - start) / span)) for n in range(start + 1, end)]
             pairs.append(here)
@@ -190,13 +193,14 @@ class _Track:
 
 def _tracks(scene: Scene) -> dict[str, _Track]:
     """Build every track from the keyframes and the scene's top-level values."""
-    default_curve = parse_curve(scene.curve)
+    parse = curve_parser(scene, parse_curve)  # parse_curve, and `audio` from the scene's soundtrack
+    default_curve = parse(scene.curve)
     frames, keyframes = scene.keyframe_frames, scene.keyframes
     at_0 = bool(frames) and frames[0] == 0  # keyframes are in order: only the first can be at 0
     hold_at_0 = at_0 and keyframes[0].hold
     # Per keyframe once, not per track, and every field read in one call per keyframe (a scene
     # exported with a keyframe at every frame has 100,000 of them).
-    curves = [parse_curve(kf.curve) if kf.curve else default_curve for kf in keyframes]
+    curves = [parse(kf.curve) if kf.curve else default_curve for kf in keyframes]
     holds = [kf.hold for kf in keyframes]
     fields = ("prompt", "negative_prompt", "seed", "lora", *SCALARS, *HELD)
     by_field: dict[str, Sequence[Any]] = (

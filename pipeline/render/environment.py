@@ -55,6 +55,7 @@ def input_files(scene: Scene) -> list[str]:
     for kf in scene.keyframes:
         names += [getattr(kf, f) for f in IMAGE_FIELDS if getattr(kf, f)]
     names += [e.path for e in scene.embeddings] + [lo.path for lo in scene.loras]
+    names += [scene.audio.path] if scene.audio is not None else []  # in no frame key: the MP4's record
     return list(dict.fromkeys(names))
 
 

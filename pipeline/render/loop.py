@@ -223,6 +223,12 @@ def assemble(
         target.path.parent.mkdir(parents=True, exist_ok=True)
         clean_partials(target.path.parent)  # temporary files of a run killed while writing outputs
         settings = _settings(scene, target, len(keys))
+        if target.kind == "mp4" and scene.audio is not None:
+            # The song's content and start are in the MP4's key (a new song re-muxes), in no frame's key.
+            settings["audio"] = {
+                "sha256": plan.files[scene.audio.path],
+                "start": float(scene.audio.start_seconds),
+            }
         out_key = key_of(
             {
                 "kind": "output",
@@ -241,6 +247,8 @@ def assemble(
         extra: dict[str, Any] = {}
         if target.kind == "mp4":
             extra["comment"] = mp4_comment(scene, plan, model or scene.model)
+            if scene.audio is not None:
+                extra["audio_file"] = scene.resolve(scene.audio.path)
         elif target.kind == "frames":
             if rows is None:
                 from pipeline.outputs.record import flat, frame_rows

@@ -36,6 +36,7 @@ class Loading:
     schedules: dict[str, Schedule]
     removed: set[tuple[Any, ...]]
     allow_outside_inputs: bool
+    drives: dict[str, Any] = field(default_factory=dict)  # audio-driven values (pipeline.audio.rules)
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -53,6 +54,7 @@ class Scene(SceneFields):
         loading = info.context
         if isinstance(loading, Loading):
             self._path, self._doc, self._schedules = loading.path, loading.doc, loading.schedules
+            self._audio_drives = loading.drives
             loading.problems = check_rules(
                 self, loading.doc, allow_outside_inputs=loading.allow_outside_inputs, removed=loading.removed
             )

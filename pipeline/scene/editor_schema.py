@@ -22,6 +22,7 @@ import copy
 import json
 from typing import Any
 
+from pipeline.audio.model import extend_schema
 from pipeline.plan.curves import CURVES
 from pipeline.render.models import embedded_models
 from pipeline.scene.core import Scene
@@ -234,6 +235,7 @@ def scene_schema() -> dict[str, Any]:
         number,
         {"type": "string", "pattern": _SCHEDULE_PATTERN, "description": "a Deforum schedule: 0:(0), 24:(1)"},
     ]
+    extend_schema(schema)  # the soundtrack: audio, {beat: N} frames, curve audio, audio-driven values
     props["size"].update(minItems=2, maxItems=2)
     defs["Grid"]["properties"]["prompts"].update(minItems=4, maxItems=4)
     defs["Noise"]["properties"]["seeds"]["anyOf"][0].update(minItems=2, maxItems=2)

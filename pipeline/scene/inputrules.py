@@ -50,6 +50,7 @@ def check_modes_and_files(
             if value is not None:
                 files.append((("keyframes", i, name), value))
     files += [(("embeddings", i, "path"), e.path) for i, e in enumerate(scene.embeddings)]
+    files += [(("audio", "path"), scene.audio.path)] if scene.audio is not None else []
     sizes: dict[str, tuple[int, int]] = {}
     files += [(("loras", i, "path"), lo.path) for i, lo in enumerate(scene.loras)]
     for at, rel in files:

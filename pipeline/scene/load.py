@@ -20,12 +20,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.audio.rules import drive_values, take_drives
 from pipeline.gcpause import gc_paused
 from pipeline.scene.core import Loading, Scene, join_prompt_parts
 from pipeline.scene.inputfiles import read_scene_bytes
 from pipeline.scene.messages import clean_loc, lookup, problem_from_pydantic
 from pipeline.scene.problems import Problem, SceneError
-from pipeline.scene.scheduled import schedules_to_keyframes, take_schedules
+from pipeline.scene.scheduled import Schedule, schedules_to_keyframes, take_schedules
+from pipeline.scene.schema import SCALARS
 from pipeline.scene.yamlio import YamlDoc, load_yaml_lenient
 
 
@@ -82,7 +84,11 @@ def _parse_scene(
         )
     schedules, schedule_problems = take_schedules(doc, text)
     problems += schedule_problems
-    context = Loading((base_path or Path(shown)).resolve(), doc, schedules, set(), allow_outside_inputs)
+    drives, drive_problems = take_drives(doc, SCALARS)
+    problems += drive_problems
+    context = Loading(
+        (base_path or Path(shown)).resolve(), doc, schedules, set(), allow_outside_inputs, drives
+    )
     scene, type_problems = _validate(doc, context)
     problems += type_problems
     if scene is not None:
@@ -98,6 +104,8 @@ def _parse_scene(
         raise SceneError(unique)
     assert scene is not None
     join_prompt_parts(scene)
+    for name, values in drive_values(scene).items():  # audio-driven values: a point at every frame
+        schedules[name] = Schedule(name, "", [], *doc.where((name,)), False, values=values)
     if schedules:
         schedules_to_keyframes(scene)
     return scene

@@ -17,12 +17,14 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+from pipeline.audio.rules import check_audio
+from pipeline.audio.timeline import AUDIO_CURVE
 from pipeline.outputs.assemble import kind_for_path
 from pipeline.plan import curves
 from pipeline.scene.inputrules import check_modes_and_files, embedding_token
 from pipeline.scene.modelrules import check_model
 from pipeline.scene.problems import Problem, shorten
-from pipeline.scene.scheduled import check_schedules
+from pipeline.scene.scheduled import bounds, check_schedules
 from pipeline.scene.schema import Noise, Output, SceneFields
 from pipeline.scene.timeline import MAX_FRAMES, check_timeline
 from pipeline.scene.yamlio import YamlDoc
@@ -48,11 +50,15 @@ def check_rules(
         return any(path[0] in names or path[-1] in names for path in removed)
 
     add = problems.append
+    # 0. The soundtrack first: keyframes on its beats become frame numbers here.
+    problems += check_audio(scene, doc, gone, allow_outside_inputs=allow_outside_inputs, bounds=bounds)
 
     # 1. Names: curves, scheduler, model.
     for path, spec in [(("curve",), scene.curve)] + [
         (("keyframes", i, "curve"), kf.curve) for i, kf in enumerate(scene.keyframes) if kf.curve is not None
     ]:
+        if spec.strip() == AUDIO_CURVE:
+            continue  # checked with the soundtrack
         try:
             curves.parse_curve(spec)
         except ValueError as exc:

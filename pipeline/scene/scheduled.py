@@ -88,7 +88,7 @@ def take_schedules(doc: YamlDoc, text: str) -> tuple[dict[str, Schedule], list[P
     return schedules, problems
 
 
-def _bounds(name: str) -> tuple[float | None, float | None, bool]:
+def bounds(name: str) -> tuple[float | None, float | None, bool]:
     """A scalar's lowest and highest value (and whether the lowest is excluded), from the model."""
     low = high = None
     above = False
@@ -148,7 +148,7 @@ def check_schedules(
         except (EvalError, ScheduleError) as exc:
             add(sched, exc.offset, exc.message)
             continue
-        low, high, above = _bounds(sched.name)
+        low, high, above = bounds(sched.name)
         for frame, value, p in values:
             if (low is not None and (value < low or (above and value == low))) or (
                 high is not None and value > high

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic_core import PydanticCustomError
 
+from pipeline.audio.model import Audio, audio_ref
 from pipeline.scene.problems import Problem, describe
 from pipeline.scene.timeline import MAX_FRAMES, SECONDS, parse_duration
 from pipeline.scene.yamlio import YamlDoc
@@ -58,14 +59,16 @@ def _text_to_parts(value: Any) -> Any:
 
 def _frame_ref(value: Any) -> Any:
     """A keyframe's frame: a whole number, or seconds like '2.5s'; one clear message otherwise."""
-    if (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, str) and SECONDS.match(value.strip())
+    if (
+        (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, str) and SECONDS.match(value.strip()))
+        or audio_ref(value) is not None
     ):
         return value
     raise PydanticCustomError(
         "frame_ref",
-        "{got} is not a frame; write a whole number like 24 or seconds like 2.5s",
-        {"got": describe(value)},
+        "{got} is not a frame; write a whole number like 24 or seconds like 2.5s (or {ref} of the scene's audio)",
+        {"got": describe(value), "ref": "{beat: 8} or {onset: 3}"},
     )
 
 
@@ -122,7 +125,7 @@ Prompt = Annotated[list[PromptPart], BeforeValidator(_text_to_parts), Field(min_
 class Keyframe(_Strict):
     """Values set at one frame. Scalars are eased in with ``curve``; ``hold`` keeps them until the next one."""
 
-    frame: Annotated[int | str, BeforeValidator(_frame_ref)]
+    frame: Annotated[int | str | dict[str, int], BeforeValidator(_frame_ref)]
     prompt: Prompt | None = None
     prompt_prefix: str | None = None
     prompt_suffix: str | None = None
@@ -252,6 +255,7 @@ class SceneFields(_Strict):
     walk: Walk | None = None
     grid: Grid | None = None
     outputs: list[Annotated[Output, BeforeValidator(_text_to_mapping("path"))]] | None = None
+    audio: Audio | None = None  # the soundtrack (pipeline.audio): muxed into MP4s, beats, driven values
 
     # Filled in when the scene is built (``Scene``) or loaded (``load_scene``), after the rules pass:
     # where the file is and what its frame refs mean.
@@ -263,6 +267,9 @@ class SceneFields(_Strict):
     # they are keyframes, each keyframe's index in the file (None for a keyframe a schedule made).
     _schedules: dict[str, Any] = PrivateAttr(default_factory=dict)
     _written_index: list[int | None] | None = PrivateAttr(default=None)
+    # The soundtrack on the frame axis (pipeline.audio.timeline), and the values it drives.
+    _audio: Any = PrivateAttr(default=None)
+    _audio_drives: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def path(self) -> Path:

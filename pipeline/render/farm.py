@@ -142,6 +142,13 @@ class Pool:
             self.replaced += 1
             return fresh
 
+    def shutdown(self) -> None:
+        """End every worker (the Ray cluster stays up for the next pool)."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+        self.actors = []
+
     def pids(self) -> list[int]:
         """The process id of each worker (for the fault tests: kill -9 one)."""
         return [info["pid"] for info in self.ray.get([a.info.remote() for a in self.actors])]
@@ -156,6 +163,8 @@ def farm_pool(workers: int | None, address: str | None, device: str, threads: in
     process: a second render (``--watch``, a notebook, the tests) finds its workers started."""
     key = (workers, address, device, threads)
     if key not in _POOLS:
+        for other in list(_POOLS):  # one pool at a time: its workers hold the cores (or GPUs)
+            _POOLS.pop(other).shutdown()
         _POOLS[key] = Pool(workers, address, device, threads)
     return _POOLS[key]
 

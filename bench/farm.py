@@ -113,7 +113,7 @@ def main() -> None:
     rows, results = [], {}
     for workers in (None, 1, 2):
         if workers is not None:
-            farm_pool(workers, None, "cpu", 1)  # the cluster and its workers, started outside the timing
+            farm_pool(workers, None, "cpu", 1).pids()  # the cluster and its workers started, untimed
         with c.workdir() as folder:
             r = results[workers] = render(folder, frames, workers)
         base = results[None]["steady"]

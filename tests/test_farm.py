@@ -8,6 +8,7 @@ thread count (float32 sums depend on the thread count, so both use one thread).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -157,6 +158,32 @@ def test_a_worker_killed_mid_render_loses_only_its_batch(
     assert (farm.requeued, farm.sent) == (BATCH, 12 + BATCH)
     assert _frames(tmp_path / "cache", _keys(scene)) == reference["frames"]
     assert (scene.parent / "renders" / "scene" / "out.gif").read_bytes() == reference["gif"]
+
+
+def test_a_hung_worker_is_replaced_and_its_batch_sent_elsewhere(
+    pool: Any, reference: dict[str, Any], tmp_path: Path
+) -> None:
+    scene = _write(tmp_path / "scene", SCENE)
+    stopped: list[int] = []
+    replaced = pool.replaced
+    session = pipeline.open(
+        scene, workers=2, threads=1, batch_size=BATCH, cache_dir=tmp_path / "cache", worker_timeout=10
+    )
+
+    def progress(p: Progress) -> None:
+        if p.keys and not stopped and (busy := session.farm.busy_pids()):
+            stopped.append(busy[0])
+            os.kill(busy[0], signal.SIGSTOP)  # hangs with its batch: no answer, no death
+
+    try:
+        report = session.render(progress=progress)
+    finally:
+        for pid in stopped:  # whatever happened, the stopped process must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped and pool.replaced == replaced + 1 and report.rendered == 12
+    assert (session.farm.requeued, session.farm.sent) == (BATCH, 12 + BATCH)
+    assert _frames(tmp_path / "cache", _keys(scene)) == reference["frames"]
 
 
 def test_feedback_frames_render_in_order_as_in_one_process(pool: Any, tmp_path: Path) -> None:

@@ -28,13 +28,14 @@ import os
 import queue
 import sys
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.cpu import free_cores
 from pipeline.plan.planner import FrameJob
+from pipeline.render.environment import read_input
 
 RAY_HINT = 'the render farm needs Ray: pip install -e ".[ray]"  (or: pip install "ray[default]")'
 # A batch that has not come back after this long has a hung worker (a first batch on a GPU includes
@@ -92,7 +93,9 @@ class Pool:
         self.device = device
         if not ray.is_initialized():
             # Workers import this package from where the driver does (a checkout, an editable install).
-            path = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[2])] if p)
+            path = os.pathsep.join(
+                [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
             options: dict[str, Any] = {
                 "include_dashboard": False,
                 "logging_level": "ERROR",
@@ -107,19 +110,26 @@ class Pool:
             atexit.register(ray.shutdown)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
+        cpus = int(resources.get("CPU", 1))
         if device == "cuda":
             self.workers = workers or gpus
             if self.workers > gpus:
                 raise FarmError(f"{self.workers} render workers need a GPU each; the cluster has {gpus}")
-            self.actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+            self.actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0 if address is None else 1}
             self.threads: int | None = threads
         else:
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
             self.workers = workers or nodes
-            cpus = int(resources.get("CPU", 1)) if address else free_cores()
-            # Each worker gets its share of the cores: N workers with all cores each would fight.
-            self.threads = threads or max(1, cpus // self.workers)
-            self.actor_options = {"num_cpus": min(self.threads, max(1, cpus // self.workers))}
+            if address is None:
+                # Here the threads are shared out by us (Ray would hold back a worker past the cores).
+                self.threads = threads or max(1, free_cores() // self.workers)
+                self.actor_options = {"num_cpus": 0}
+            else:
+                if self.workers > cpus:
+                    raise FarmError(f"{self.workers} render workers need a core each; the cluster has {cpus}")
+                # Ray places the workers by the cores each asks for, spread over the machines.
+                self.threads = threads or max(1, cpus // self.workers)
+                self.actor_options = {"num_cpus": min(self.threads, cpus // self.workers)}
         from pipeline.render.farm_worker import RenderWorker
 
         # One batch at a time per worker; a dead worker is replaced by the farm, not restarted by Ray
@@ -175,14 +185,13 @@ class FarmRenderer:
     _ids = itertools.count()
 
     def __init__(self, pool: Pool, setup: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        from pipeline.render.environment import read_input
-
         self.pool = pool
         self.ray = pool.ray
         self.scene = setup.scene
         self.plan = setup.plan
         self.cache = setup.cache
         self.timeout_s = timeout_s
+        self.load_timeout_s = max(timeout_s, DEFAULT_TIMEOUT_S)  # a big checkpoint, a cold disk
         self.encoded = 0  # embeddings the workers encoded for this render
         self.sent = 0  # frames sent to workers, a batch sent again counted again
         self.requeued = 0  # frames whose batch was lost with its worker and sent to another one
@@ -215,7 +224,8 @@ class FarmRenderer:
         self._busy: set[Any] = set()  # workers with a batch in flight
         for actor, pending in loads.items():
             try:
-                self._pids[actor] = self._get(pending, actor)["pid"]  # a model error stops the render
+                # A model error stops the render (exit 2). A load may take longer than a batch.
+                self._pids[actor] = self._get(pending, actor, self.load_timeout_s)["pid"]
             except _WorkerLost:
                 continue  # its replacement joins once loaded
             self._idle.put(actor)
@@ -257,6 +267,8 @@ class FarmRenderer:
     def _take(self) -> Any:
         """The next free worker (waiting for one); FarmError when none is left."""
         while True:
+            if self._closed:
+                raise CancelledError  # the render stopped (Ctrl-C, an error): send nothing more
             try:
                 return self._idle.get(timeout=1.0)
             except queue.Empty:
@@ -319,14 +331,14 @@ class FarmRenderer:
         except BaseException as exc:  # handed to the loop, which raises it
             future.set_exception(exc)
 
-    def _get(self, pending: Any, actor: Any) -> Any:
+    def _get(self, pending: Any, actor: Any, timeout_s: float | None = None) -> Any:
         """The result of a worker's call. A worker that died or ran past the timeout is replaced
         (the replacement loads this render's model, then takes batches) and :class:`_WorkerLost`
         raised; an error the worker raised (a model that differs) is raised as it is."""
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
-            return self.ray.get(pending, timeout=self.timeout_s)
+            return self.ray.get(pending, timeout=timeout_s or self.timeout_s)
         except RayActorError as exc:
             why = f"{type(exc).__name__}"
         except GetTimeoutError:
@@ -350,7 +362,7 @@ class FarmRenderer:
 
         def load() -> None:
             try:
-                info = self.ray.get(actor.load.remote(self._job_ref), timeout=self.timeout_s)
+                info = self.ray.get(actor.load.remote(self._job_ref), timeout=self.load_timeout_s)
             except Exception as exc:
                 print(f"a replacement render worker failed to start: {exc}", file=sys.stderr)
             else:

@@ -493,6 +493,9 @@ class Renders:
       number of denoising steps does not.
     - The device renders batch k+1 while a writer thread (:class:`_Writer`) encodes batch k as PNG
       and stores it; at most those two batches of images are held.
+    - A renderer with ``submit(batch) -> Future`` and a ``capacity`` (the render farm,
+      ``pipeline.render.farm``) has up to ``capacity`` batches in flight; they are stored as they
+      come back, one at a time, as above.
     - A feedback frame is ready once the frame before it is in the cache: chains render in waves.
     - Out of memory halves the batch size and goes on; one frame that still fails is an error.
     - The first Ctrl-C stores the frames already rendered and stops when the batch on the device

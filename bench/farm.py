@@ -8,7 +8,7 @@ float32 on the CPU, every worker with ONE torch thread (``--threads 1``; the in-
 - farm, 1 and 2 workers: the same with ``workers=N`` on a local Ray cluster (started once, outside the
   timings; each render's workers load the model, inside them).
 
-Each render starts from an empty cache. ``total s`` is the whole ``render()``; ``steady frames/s`` counts
+Each render starts from an empty cache; 3 rounds of each (1 with ``--quick``), medians shown. ``total s`` is the whole ``render()``; ``steady frames/s`` counts
 from the first frame stored to the last (model loads and the first batch left out); ``driver CPU ms/frame``
 is this process's CPU time (all its threads: claims, sending, verifying and storing PNGs) over the frames.
 
@@ -114,8 +114,12 @@ def main() -> None:
     for workers in (None, 1, 2):
         if workers is not None:
             farm_pool(workers, None, "cpu", 1).pids()  # the cluster and its workers started, untimed
-        with c.workdir() as folder:
-            r = results[workers] = render(folder, frames, workers)
+        runs = []
+        for _ in range(1 if c.quick() else 3):
+            with c.workdir() as folder:
+                runs.append(render(folder, frames, workers))
+        r = results[workers] = {k: c.median([run[k] for run in runs]) for k in runs[0]}
+        r["all"] = " ".join(f"{run['steady']:.1f}" for run in runs)
         base = results[None]["steady"]
         name = "in-process" if workers is None else f"farm, {workers} worker{'s' * (workers > 1)}"
         rows.append(
@@ -124,12 +128,21 @@ def main() -> None:
                 f"{r['total']:.2f}",
                 f"{r['fps']:.2f}",
                 f"{r['steady']:.2f}",
+                r["all"],
                 f"{r['steady'] / base:.2f}",
                 f"{r['cpu_ms']:.1f}",
             ]
         )
     c.table(
-        ["render", "total s", "frames/s", "steady frames/s", "steady vs in-process", "driver CPU ms/frame"],
+        [
+            "render",
+            "total s",
+            "frames/s",
+            "steady frames/s",
+            "all rounds",
+            "vs in-process",
+            "driver CPU ms/frame",
+        ],
         rows,
     )
     print(f"2 workers / 1 worker (steady): {results[2]['steady'] / results[1]['steady']:.2f}")

@@ -554,7 +554,12 @@ class Session:
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""
         if renderer is None and (self.workers is not None or self.ray is not None):
-            pool = farm_pool(self.workers, self.ray, setup.env.device, setup.threads or None)
+            try:
+                pool = farm_pool(self.workers, self.ray, setup.env.device, setup.threads or None)
+            except FarmError as exc:
+                if exc.option is None:
+                    raise
+                raise InputError([OptionProblem(exc.option, str(exc))]) from None
             self.threads_used = pool.threads
             self.farm = FarmRenderer(pool, setup, timeout_s=self.worker_timeout or DEFAULT_TIMEOUT_S)
             return self.farm  # type: ignore[no-any-return]

@@ -50,6 +50,7 @@ size: [32, 32]
 steps: 2
 seed: 7
 mode: feedback
+init_image: inputs/start.png
 strength: 0.6
 zoom: 1.05
 keyframes:
@@ -74,7 +75,11 @@ def pool() -> Any:
 
 
 def _write(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    # The feedback scene's init image: it reaches the workers as the bytes the driver hashed.
+    Image.new("RGB", (48, 40), (200, 120, 40)).save(folder / "inputs" / "start.png")
     path = folder / "scene.yaml"
     path.write_text(text)
     return path
@@ -186,7 +191,9 @@ def test_a_hung_worker_is_replaced_and_its_batch_sent_elsewhere(
     assert _frames(tmp_path / "cache", _keys(scene)) == reference["frames"]
 
 
-def test_feedback_frames_render_in_order_as_in_one_process(pool: Any, tmp_path: Path) -> None:
+def test_feedback_frames_from_an_init_image_render_in_order_as_in_one_process(
+    pool: Any, tmp_path: Path
+) -> None:
     local = _write(tmp_path / "local", FEEDBACK)
     run_render(local, tmp_path / "cache1", "--batch-size", str(BATCH), "--threads", "1")
     scene = _write(tmp_path / "farm", FEEDBACK)
@@ -213,6 +220,16 @@ def test_a_worker_with_another_model_is_refused(tmp_path: Path) -> None:
     }
     with pytest.raises(ModelError, match=r"not the model the frames were planned with \(its unet differ"):
         RenderWorker().load(job)
+
+
+def test_workers_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scene = _write(tmp_path / "scene", SCENE)
+    with pytest.raises(SystemExit) as exc:
+        main([str(scene), "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--worker-timeout", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--workers: 0 is not allowed; use a whole number from 1 to 1024" in err
+    assert "--worker-timeout: 0 is not allowed; use a number of seconds above 0" in err
 
 
 @pytest.mark.parametrize("option", [["--workers", "2"], ["--ray", "auto"]])

@@ -47,7 +47,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class FarmError(RuntimeError):
-    """The farm cannot go on (no worker left, a batch that kills every worker it meets)."""
+    """The farm cannot start (``option``: the option at fault, an exit 2) or go on (no worker left, a
+    batch that kills every worker it meets)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def ray_missing() -> str | None:
@@ -106,7 +111,17 @@ class Pool:
                 options["num_cpus"] = os.cpu_count() or 1
             else:
                 options["address"] = address
-            ray.init(**options)
+            try:
+                ray.init(**options)
+            except Exception as exc:  # ConnectionError, a malformed address...
+                where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+                raise FarmError(
+                    f"cannot start or join {where}: {type(exc).__name__}: {str(exc)[:300]}"
+                    + (
+                        " (start it with 'ray start --head'; its address is printed there)" if address else ""
+                    ),
+                    option="--ray" if address else "--workers",
+                ) from None
             atexit.register(ray.shutdown)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -114,7 +129,9 @@ class Pool:
         if device == "cuda":
             self.workers = workers or gpus
             if self.workers > gpus:
-                raise FarmError(f"{self.workers} render workers need a GPU each; the cluster has {gpus}")
+                raise FarmError(
+                    f"{self.workers} render workers need a GPU each; there are {gpus}", option="--workers"
+                )
             self.actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0 if address is None else 1}
             self.threads: int | None = threads
         else:
@@ -126,7 +143,10 @@ class Pool:
                 self.actor_options = {"num_cpus": 0}
             else:
                 if self.workers > cpus:
-                    raise FarmError(f"{self.workers} render workers need a core each; the cluster has {cpus}")
+                    raise FarmError(
+                        f"{self.workers} render workers need a core each; the cluster has {cpus}",
+                        option="--workers",
+                    )
                 # Ray places the workers by the cores each asks for, spread over the machines.
                 self.threads = threads or max(1, cpus // self.workers)
                 self.actor_options = {"num_cpus": min(self.threads, cpus // self.workers)}

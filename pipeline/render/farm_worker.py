@@ -15,6 +15,7 @@ they need. It keeps those in memory (:class:`MemoryCache`), so the ordinary
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterable
@@ -116,6 +117,8 @@ class RenderWorker:
                 + ", ".join(f"{k} {libraries[k]} here, {job['libraries'].get(k)} there" for k in differ)
                 + "); they decide the pixels: install the same versions on every machine of the farm"
             )
+        for old in Path(self.folder.name).iterdir():  # the inputs of the renders before
+            shutil.rmtree(old, ignore_errors=True)
         folder = Path(self.folder.name) / job["id"]
         scene = with_inputs(job["scene"], job["plan"].files, job["inputs"], folder)
         pipe = configure(load_pipeline(here, device=job["device"], dtype=job["dtype"]), scene)

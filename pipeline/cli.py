@@ -236,7 +236,7 @@ def render_command(
         None,
         "--workers",
         help="Render on a Ray render farm of N workers: one per GPU, else CPU workers sharing the cores "
-        '(needs pip install -e ".[ray]").',
+        '(needs Ray: pip install -e ".\\[ray]").',
     ),
     ray_address: str | None = typer.Option(
         None,

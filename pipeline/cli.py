@@ -400,7 +400,7 @@ def _summary(result: api.Report) -> None:
             f"preview: {files}"
         )
         return
-    farm = f" on {result.workers} workers" if result.workers else ""
+    farm = f" on {result.workers} worker{'s' if result.workers > 1 else ''}" if result.workers else ""
     typer.echo(
         f"{result.frames} frames: {result.rendered} rendered{farm}, {result.cached} cached; outputs: {files}"
     )

@@ -108,7 +108,8 @@ class Pool:
                 "runtime_env": {"env_vars": {"PYTHONPATH": path}},
             }
             if address is None:
-                options["num_cpus"] = os.cpu_count() or 1
+                # A cluster of our own, even where 'ray start' left one to join (that is --ray).
+                options.update(address="local", num_cpus=os.cpu_count() or 1)
             else:
                 options["address"] = address
             try:

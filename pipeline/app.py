@@ -56,6 +56,7 @@ from pipeline.paths import default_cache_dir
 from pipeline.plan.history import frame_status, load_plan, save_plan
 from pipeline.plan.planner import FrameJob, Plan, plan
 from pipeline.render.environment import RenderEnv, resolve_env
+from pipeline.render.farm import DEFAULT_TIMEOUT_S, FarmError, FarmRenderer, farm_pool, farm_problems
 from pipeline.render.loop import CachedFrames, Progress, Target, check_outputs, readable_frames, run
 from pipeline.render.models import (
     ModelError,
@@ -128,6 +129,7 @@ class Report:
     model: str
     seconds: float = 0.0
     threads: int | None = None  # CPU threads torch rendered with (None: nothing rendered on the CPU)
+    workers: int | None = None  # render-farm workers (pipeline.render.farm); None: rendered in this process
     notes: list[str] = field(default_factory=list)
     record: list[str] = field(default_factory=list)  # the record files written (pipeline.outputs.record)
     previous: str | None = None  # where the outputs this run replaced were kept
@@ -184,6 +186,9 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     device: str = "auto",
     batch_size: int | None = None,
     threads: int | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    worker_timeout: float | None = None,
     cache_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
     allow_outside_inputs: bool = False,
@@ -194,7 +199,11 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
     """Open a scene from a file path, YAML text, or a dict (the parsed form of a scene file).
 
     ``threads``: CPU threads for rendering on the CPU (None: the free physical cores, see
-    ``pipeline.cpu``; 0: torch's default of one per core).
+    ``pipeline.cpu``; 0: torch's default of one per core); per worker on a render farm.
+    ``workers``: render on a Ray render farm (``pipeline.render.farm``) of that many workers, on a
+    local Ray cluster started here, or on the cluster at ``ray`` (an address, as ``ray start --head``
+    prints it; workers default to one per GPU there). ``worker_timeout``: seconds after which a batch
+    that has not come back has its worker replaced.
     Text and dicts are placed in ``base_dir`` (default: the current folder) as if they were the file
     ``<name>.yaml`` there: their relative input paths and default outputs are read from there.
     Problems are collected, not raised: see :attr:`Session.problems`.
@@ -207,6 +216,9 @@ def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
         device=device,
         batch_size=batch_size,
         threads=threads,
+        workers=workers,
+        ray=ray,
+        worker_timeout=worker_timeout,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         out_dir=Path(out_dir) if out_dir is not None else None,
         allow_outside_inputs=allow_outside_inputs,
@@ -229,6 +241,9 @@ class Session:
         threads: int | None,
         cache_dir: Path | None,
         out_dir: Path | None,
+        workers: int | None = None,
+        ray: str | None = None,
+        worker_timeout: float | None = None,
         allow_outside_inputs: bool,
         base_dir: Path | None,
         name: str,
@@ -240,6 +255,10 @@ class Session:
         self.batch_size = batch_size
         self.threads = threads
         self.threads_used: int | None = None
+        self.workers = workers
+        self.ray = ray
+        self.worker_timeout = worker_timeout
+        self.farm: Any = None  # the render farm's renderer of the last render (its counts: sent, requeued)
         self.cache_dir = cache_dir or default_cache_dir()
         self.scene: Scene | None = None
         self.targets: list[Target] = []
@@ -296,6 +315,9 @@ class Session:
                     f"{self.threads} is not allowed; use 0 (torch's default) or a whole number from 1 to 1024",
                 )
             )
+        problems += [
+            OptionProblem(o, m) for o, m in farm_problems(self.workers, self.ray, self.worker_timeout)
+        ]
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
             problems.append(OptionProblem("--cache-dir", f"{self.cache_dir} is a file, not a folder"))
         return problems
@@ -425,6 +447,7 @@ class Session:
             # the last render are planned with their new content, not stopped as changed mid-run.
             self._resolved = self._plan = None
         self._rendered = True
+        self.farm = None
         ref, env = self._resolve()
         p = self.plan()
         cache = open_cache(self.cache_dir, writable=True)
@@ -485,6 +508,8 @@ class Session:
                 )
             except ModelError as exc:
                 raise InputError([f"{scene.path}: {exc}"]) from None
+            except FarmError as exc:
+                raise RenderError(str(exc)) from exc
             except (OSError, sqlite3.Error) as exc:
                 # Disk full, permissions: every finished frame is in the cache and old outputs are intact.
                 raise RenderError(str(exc)) from exc
@@ -492,11 +517,14 @@ class Session:
                 assert shown is not None
                 finish_preview(result, scene, p, shown, paths, len(todo), cache, sheet)
         finally:
+            if self.farm is not None:
+                self.farm.close()
             cache.close()
         known = set(Report.__dataclass_fields__)
         report = Report(**{k: v for k, v in result.items() if k in known})
         report.seconds = round(time.perf_counter() - started, 3)
         report.threads = self.threads_used
+        report.workers = self.farm.workers if self.farm is not None else None
         report.shown = shown
         return report
 
@@ -531,6 +559,16 @@ class Session:
 
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""
+        if renderer is None and (self.workers is not None or self.ray is not None):
+            try:
+                pool = farm_pool(self.workers, self.ray, setup.env.device, setup.threads or None)
+            except FarmError as exc:
+                if exc.option is None:
+                    raise
+                raise InputError([OptionProblem(exc.option, str(exc))]) from None
+            self.threads_used = pool.threads
+            self.farm = FarmRenderer(pool, setup, timeout_s=self.worker_timeout or DEFAULT_TIMEOUT_S)
+            return self.farm  # type: ignore[no-any-return]
         if setup.env.device == "cpu":
             import torch  # about to render anyway: the renderer imports it too
 

@@ -238,6 +238,20 @@ def render_command(
         "--threads",
         help="CPU threads for rendering (default: the physical cores not busy with other work; 0: torch's).",
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        help="Render on a Ray render farm of N workers: one per GPU, else CPU workers sharing the cores "
+        '(needs Ray: pip install -e ".\\[ray]").',
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray",
+        help="Render on the Ray cluster at this address (from 'ray start --head'); workers default to one per GPU.",
+    ),
+    worker_timeout: float | None = typer.Option(
+        None, "--worker-timeout", help="Seconds a farm batch may take before its worker is replaced (900)."
+    ),
     cache_dir: Path = typer.Option(
         DEFAULT_CACHE,
         "--cache-dir",
@@ -294,6 +308,9 @@ def render_command(
         "device": device,
         "batch_size": batch_size,
         "threads": threads,
+        "workers": workers,
+        "ray": ray_address,
+        "worker_timeout": worker_timeout,
         "cache_dir": cache_dir,
         "out_dir": out_dir,
         "allow_outside_inputs": allow_outside_inputs,
@@ -389,8 +406,9 @@ def _summary(result: api.Report) -> None:
             f"preview: {files}"
         )
         return
+    farm = f" on {result.workers} worker{'s' if result.workers > 1 else ''}" if result.workers else ""
     typer.echo(
-        f"{result.frames} frames: {result.rendered} rendered, {result.cached} cached; outputs: {files}"
+        f"{result.frames} frames: {result.rendered} rendered{farm}, {result.cached} cached; outputs: {files}"
     )
 
 

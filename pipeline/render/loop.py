@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,6 +503,9 @@ class Renders:
       number of denoising steps does not.
     - The device renders batch k+1 while a writer thread (:class:`_Writer`) encodes batch k as PNG
       and stores it; at most those two batches of images are held.
+    - A renderer with ``submit(batch) -> Future`` and a ``capacity`` (the render farm,
+      ``pipeline.render.farm``) has up to ``capacity`` batches in flight; they are stored as they
+      come back, one at a time, as above.
     - A feedback frame is ready once the frame before it is in the cache: chains render in waves.
     - Out of memory halves the batch size and goes on; one frame that still fails is an error.
     - The first Ctrl-C stores the frames already rendered and stops when the batch on the device
@@ -587,9 +591,12 @@ class Renders:
             bar.set_postfix_str(f"cached {already}, rendered {len(self.rendered)}")
 
         previous_handler = self._catch_sigint()
+        # Batches sent and not back yet: one with a local renderer, one per worker on a render farm.
+        inflight: list[tuple[list[Any], Future[list[Any]]]] = []
+        capacity = max(1, int(getattr(self.renderer, "capacity", 1)))
         try:
             while queue.remaining:
-                batch = queue.next_batch(self.batch_size)
+                batch = queue.next_batch(self.batch_size) if len(inflight) < capacity else []
                 if batch:
                     mine = set(claims.claim(job.key for job in batch))
                     _say_takeovers(claims)
@@ -604,14 +611,17 @@ class Renders:
                     todo = [job for job in batch if job.key in mine and job.key not in finished]
                     claims.release(finished)
                     if todo:
-                        # The device renders while the writer stores the batch before.
-                        images = self._render(todo)
-                        settle(writer.wait())
-                        if self.stop_requested:
-                            raise KeyboardInterrupt
-                        writer.put(list(zip(todo, images, strict=True)))
+                        inflight.append((todo, self._submit(todo)))
                     if self.stop_requested:
                         raise KeyboardInterrupt
+                    continue
+                if inflight:
+                    # The device renders while the writer stores the batch before.
+                    todo, images = self._collect(inflight)
+                    settle(writer.wait())
+                    if self.stop_requested:
+                        raise KeyboardInterrupt
+                    writer.put(list(zip(todo, images, strict=True)))
                     continue
                 if writer.pending:
                     # What is ready next may be a feedback frame whose previous frame is being stored.
@@ -645,6 +655,27 @@ class Renders:
             if previous_handler is not None:
                 # Once stopping, further Ctrl-Cs are ignored until the process has exited cleanly.
                 signal.signal(signal.SIGINT, signal.SIG_IGN if self.stop_requested else previous_handler)
+
+    def _submit(self, batch: list[Any]) -> Future[list[Any]]:
+        """Start a batch: on a renderer with ``submit`` (a render farm) it renders elsewhere while
+        more are sent; any other renders it here and now (its error raised at once)."""
+        submit = getattr(self.renderer, "submit", None)
+        if submit is not None:
+            return submit(batch)  # type: ignore[no-any-return]
+        done: Future[list[Any]] = Future()
+        done.set_result(self._render(batch))
+        return done
+
+    @staticmethod
+    def _collect(inflight: list[tuple[list[Any], Future[list[Any]]]]) -> tuple[list[Any], list[Any]]:
+        """The first batch in flight to come back (the oldest of those back), taken off the list."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while not any(future.done() for _, future in inflight):
+            wait([future for _, future in inflight], timeout=1.0, return_when=FIRST_COMPLETED)
+        i = next(i for i, (_, future) in enumerate(inflight) if future.done())
+        todo, future = inflight.pop(i)
+        return todo, list(future.result())
 
     def _render(self, batch: list[Any]) -> list[Any]:
         """Render one batch, halving it on out-of-memory: an image (or PNG bytes) per job."""

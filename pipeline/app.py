@@ -13,7 +13,7 @@ go through this API; nothing else strings the stages together.
     report = session.render(progress=print)             # renders what is missing, writes outputs
     images = session.frames()                            # the frames as PIL images
 
-A frame travels: ``open`` validates the scene (``pipeline.scene.core``) and its outputs (``pipeline.render.loop``)
+A frame travels: ``open`` validates the scene (``pipeline.scene.core``) and its outputs (``pipeline.outputs.targets``)
 -> ``plan`` resolves the model and environment without torch (``pipeline.render.environment``) and expands the
 scene into keyed jobs (``pipeline.plan.planner``) -> ``render`` renders the jobs not in the cache
 (``pipeline.render.loop.Renders`` with ``pipeline.render.renderer``) and writes the outputs (``pipeline.outputs.assemble``).
@@ -38,6 +38,7 @@ import yaml
 
 from pipeline import _API
 from pipeline.cpu import choose_threads
+from pipeline.outputs.assemble import CachedFrames, readable_frames
 from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
@@ -50,11 +51,12 @@ from pipeline.outputs.preview import (
     preview_paths,
     sub_plan,
 )
+from pipeline.outputs.targets import Target, check_outputs
 from pipeline.paths import default_cache_dir
 from pipeline.plan.history import frame_status, load_plan, save_plan
 from pipeline.plan.planner import FrameJob, Plan, plan
 from pipeline.render.environment import RenderEnv, resolve_env
-from pipeline.render.loop import CachedFrames, Progress, Target, check_outputs, readable_frames, run
+from pipeline.render.loop import Progress, run
 from pipeline.render.models import (
     ModelError,
     ModelRef,

@@ -154,12 +154,12 @@ def test_failed_output_write_keeps_previous_file(
     before = gif.read_bytes()
     write_scene(scene_dir, fps=6)  # outputs must be rewritten
 
-    import pipeline.outputs.assemble as assemble
+    import pipeline.outputs.gif as gif_writer
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(assemble, "_quantize", broken)
+    monkeypatch.setattr(gif_writer, "_quantize", broken)
     with pytest.raises(SystemExit) as exc:
         main([str(scene), "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert exc.value.code == 1

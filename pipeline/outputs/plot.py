@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.outputs.assemble import atomic_output
+from pipeline.outputs.files import atomic_output
 from pipeline.outputs.record import flat, frame_row, table_columns
 from pipeline.plan.planner import Plan
 

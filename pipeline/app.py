@@ -39,6 +39,7 @@ import yaml
 from pipeline import _API
 from pipeline.cpu import choose_threads
 from pipeline.outputs.assemble import CachedFrames, readable_frames
+from pipeline.outputs.page import page_paths, write_page
 from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
@@ -132,6 +133,7 @@ class Report:
     shown: list[int] | None = (
         None  # a preview (pipeline.outputs.preview): the frames it shows; None: a final render
     )
+    page: str | None = None  # the render page, when this run wrote it (pipeline.outputs.page)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -487,6 +489,22 @@ class Session:
             if sheet is not None:
                 assert shown is not None
                 finish_preview(result, scene, p, shown, paths, len(todo), cache, sheet)
+            elif result["record"] or not page_paths(self.out_dir)[0].exists():
+                # The page follows the record: written with it, or when it is missing.
+                try:
+                    written = write_page(
+                        self.out_dir,
+                        scene,
+                        p,
+                        cache,
+                        targets,
+                        rendered={j.key for j in p if j.key not in cached},
+                        model=self.model,
+                        keep_into=Path(result["previous"]) if result["previous"] else None,
+                    )
+                except OSError as exc:
+                    raise RenderError(str(exc)) from exc
+                result["page"] = str(written[-1])
         finally:
             cache.close()
         known = set(Report.__dataclass_fields__)

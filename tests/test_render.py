@@ -68,7 +68,8 @@ def test_first_run_renders_everything_then_nothing(scene_dir: Path, tmp_path: Pa
     assert (first["frames"], first["rendered"], first["cached"]) == (12, 12, 0)
     out = scene_dir / "renders" / "scene"
     record = ["out.srt", "scene.frames.csv", "scene.frames.json", "scene.record.json", "scene.scene.yaml"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["out.gif", "out.mp4", *record])
+    page = ["index.html", "page"]  # the render page and its pictures (tests/test_page.py)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["out.gif", "out.mp4", *record, *page])
     second = render(scene, tmp_path / "cache")
     assert (second["rendered"], second["cached"]) == (0, 12)
     assert set(second["output_status"].values()) == {"up to date"}

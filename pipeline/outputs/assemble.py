@@ -174,10 +174,10 @@ class Keeper:
                 files = [Path(e.path) for e in entries if is_frame_file(e.name) and e.is_file()]
             into.mkdir(parents=True, exist_ok=True)
             for file in files:
-                _link_or_copy(file, into / file.name)
+                link_or_copy(file, into / file.name)
         else:
             into.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(path, into)
+            link_or_copy(path, into)
 
     def _new_folder(self, path: Path) -> Path:
         when: datetime | None = None
@@ -198,7 +198,8 @@ class Keeper:
         raise FileExistsError(f"{base / name}: too many folders of that name")
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``; copy it where links are not possible (another file system)."""
     try:
         os.link(source, target)
     except OSError:

@@ -26,7 +26,12 @@ from pipeline.scene.core import Output, Scene, output_kind
 from pipeline.scene.yamlio import SceneError
 from pipeline.store.cache import CacheDir, record_key
 
-__all__ = ["Target", "Targets", "check_outputs", "left_behind", "output_settings"]
+__all__ = ["PAGE", "PAGE_DIR", "Target", "Targets", "check_outputs", "left_behind", "output_settings"]
+
+# The render page and the folder of its pictures, in the output folder (``pipeline.outputs.page``):
+# no output may be written there.
+PAGE = "index.html"
+PAGE_DIR = "page"
 
 
 @dataclass
@@ -77,6 +82,14 @@ def check_outputs(scene: Scene, out_dir: Path) -> Targets:
                 scene.problem(
                     at,
                     f"output '{out.path}' would overwrite {path}, the scene or one of its inputs; choose another path or --out",
+                )
+            )
+        elif path == out_dir / PAGE or path.is_relative_to(out_dir / PAGE_DIR):
+            problems.append(
+                scene.problem(
+                    at,
+                    f"output '{out.path}' would be written over by the render page ({PAGE} and its "
+                    f"{PAGE_DIR}/ folder in the output folder); choose another path",
                 )
             )
         elif (clash := claimed.overlap(path)) is not None:

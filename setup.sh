@@ -14,9 +14,9 @@ fi
 # constraints.txt pins every other package to the versions the tests last passed with, so a fresh
 # machine runs what was tested; SD_SCENES_UNPINNED=1 takes the newest releases pyproject.toml allows.
 if [ "${SD_SCENES_UNPINNED:-0}" = 1 ]; then
-  .venv/bin/pip install --quiet -e ".[dev,audio,ray]"
+  .venv/bin/pip install --quiet -e ".[dev,test,audio,ray]"
 else
-  .venv/bin/pip install --quiet -c constraints.txt -e ".[dev,audio,ray]"
+  .venv/bin/pip install --quiet -c constraints.txt -e ".[dev,test,audio,ray]"
 fi
 .venv/bin/python -c "import torch, diffusers, transformers; print('ready: torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
 # The stamp pipeline/bootstrap.py and test.sh read: this set-up matches these files (set up again if they change).

@@ -2,7 +2,7 @@
 
 ``scenes/dog_cat.yaml`` (64 frames, 64x64, the random-weight ``tiny`` model, 8 steps) is rendered
 once into a cache (``--cache-dir``, default a temporary one; pass the same folder again to skip the
-render). Then, from those cached frames, with the writers of ``pipeline.outputs.assemble``:
+render). Then, from those cached frames, with the writers of ``pipeline.outputs.writers``:
 
 - the MP4 (as the scene writes it), a plain GIF of the 64 frames, and the scene's rubber-band GIF
   (64 + 61 frames), each written 3 times (median seconds);
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 import pipeline
-from pipeline.outputs.assemble import write_gif, write_mp4
+from pipeline.outputs.writers import write_gif, write_mp4
 
 
 def _arg(name: str) -> str | None:

@@ -13,7 +13,7 @@ go through this API; nothing else strings the stages together.
     report = session.render(progress=print)             # renders what is missing, writes outputs
     images = session.frames()                            # the frames as PIL images
 
-A frame travels: ``open`` validates the scene (``pipeline.scene.load``) and its outputs (``pipeline.render.loop``)
+A frame travels: ``open`` validates the scene (``pipeline.scene.load``) and its outputs (``pipeline.outputs.targets``)
 -> ``plan`` resolves the model and environment without torch (``pipeline.render.environment``) and expands the
 scene into keyed jobs (``pipeline.plan.planner``) -> ``render`` renders the jobs not in the cache
 (``pipeline.render.loop.Renders`` with ``pipeline.render.renderer``) and writes the outputs (``pipeline.outputs.assemble``).
@@ -40,6 +40,8 @@ from pipeline import _API
 from pipeline.audio.store import analysis_cache
 from pipeline.audio.store import remember_scene_analysis as remember_analysis
 from pipeline.cpu import choose_threads
+from pipeline.outputs.assemble import CachedFrames, readable_frames
+from pipeline.outputs.page import page_paths, write_page
 from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
@@ -52,12 +54,13 @@ from pipeline.outputs.preview import (
     preview_paths,
     sub_plan,
 )
+from pipeline.outputs.targets import Target, check_outputs
 from pipeline.paths import default_cache_dir
 from pipeline.plan.history import frame_status, load_plan, save_plan
 from pipeline.plan.planner import FrameJob, Plan, plan
 from pipeline.render.environment import RenderEnv, resolve_env
 from pipeline.render.farm import DEFAULT_TIMEOUT_S, FarmError, FarmRenderer, farm_pool, farm_problems
-from pipeline.render.loop import CachedFrames, Progress, Target, check_outputs, readable_frames, run
+from pipeline.render.loop import Progress, run
 from pipeline.render.models import (
     ModelError,
     ModelRef,
@@ -136,6 +139,7 @@ class Report:
     shown: list[int] | None = (
         None  # a preview (pipeline.outputs.preview): the frames it shows; None: a final render
     )
+    page: str | None = None  # the render page, when this run wrote it (pipeline.outputs.page)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -516,6 +520,22 @@ class Session:
             if sheet is not None:
                 assert shown is not None
                 finish_preview(result, scene, p, shown, paths, len(todo), cache, sheet)
+            elif result["record"] or not page_paths(self.out_dir)[0].exists():
+                # The page follows the record: written with it, or when it is missing.
+                try:
+                    written = write_page(
+                        self.out_dir,
+                        scene,
+                        p,
+                        cache,
+                        targets,
+                        rendered={j.key for j in p if j.key not in cached},
+                        model=self.model,
+                        keep_into=Path(result["previous"]) if result["previous"] else None,
+                    )
+                except OSError as exc:
+                    raise RenderError(str(exc)) from exc
+                result["page"] = str(written[-1])
         finally:
             if self.farm is not None:
                 self.farm.close()

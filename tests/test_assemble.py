@@ -1,4 +1,4 @@
-"""Tests for pipeline.outputs.assemble: exact frame counts, streaming, and atomic writes."""
+"""Tests for the writers (pipeline.outputs.writers, gif, files, kinds): exact frame counts, streaming, and atomic writes."""
 
 from __future__ import annotations
 
@@ -15,19 +15,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.outputs.assemble import (
-    OUTPUT_KINDS,
-    atomic_output,
-    clean_partials,
-    kind_for_path,
-    name_length_problem,
-    rubber_band,
-    write_gif,
-    write_grid,
-    write_mp4,
-    write_output,
-    write_png_frames,
-)
+from pipeline.outputs.files import atomic_output, clean_partials, name_length_problem
+from pipeline.outputs.kinds import OUTPUT_KINDS, kind_for_path
+from pipeline.outputs.sequences import rubber_band
+from pipeline.outputs.writers import write_gif, write_grid, write_mp4, write_output, write_png_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -477,11 +468,40 @@ def test_write_output_cleans_dead_partials(tmp_path: Path) -> None:
 
 
 def test_import_does_not_pull_in_torch_or_imageio() -> None:
-    code = "import sys, pipeline.outputs.assemble; print('torch' in sys.modules, 'imageio' in sys.modules)"
+    # Every module of the outputs package: none imports torch, and imageio only once an MP4 is written.
+    modules = sorted(p.stem for p in (ROOT / "pipeline" / "outputs").glob("*.py") if p.stem != "__init__")
+    assert {"assemble", "files", "gif", "kinds", "targets", "writers"} <= set(modules)
+    imports = ", ".join(f"pipeline.outputs.{m}" for m in modules)
+    code = f"import sys, {imports}; print('torch' in sys.modules, 'imageio' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_kinds_imports_nothing_of_the_pipeline() -> None:
+    # pipeline.scene reads the suffix table from here: it must not import the scene back, nor Pillow.
+    code = (
+        "import sys, pipeline.outputs.kinds; "
+        "print(sorted(m for m in sys.modules if m.startswith(('pipeline', 'PIL'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "['pipeline', 'pipeline.outputs', 'pipeline.outputs.kinds']"
+
+
+def test_no_name_is_both_a_module_and_a_function_of_the_outputs_package() -> None:
+    # The function run.assemble once shadowed the module pipeline.assemble: no module of the package
+    # may define (or import) a function of the name of another module of the package.
+    import importlib
+
+    folder = ROOT / "pipeline" / "outputs"
+    modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    for name in modules:
+        module = importlib.import_module(f"pipeline.outputs.{name}")
+        clashes = {m for m in modules - {name} if callable(getattr(module, m, None))}
+        assert not clashes, f"pipeline.outputs.{name} has functions named after modules: {clashes}"
 
 
 # Names: every output path is checked against the file system's limits before anything renders.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.outputs.assemble import rubber_band
+from pipeline.outputs.sequences import rubber_band
 from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
 from pipeline.scene.load import load_scene

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.outputs.assemble import write_gif
+from pipeline.outputs.writers import write_gif
 
 N, SIZE = 64, 64
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.render.loop import _settings, check_outputs
+from pipeline.outputs.targets import check_outputs, output_settings
 from pipeline.scene.load import load_scene
 from pipeline.scene.problems import SceneError
 from tests.conftest import run_render as render
@@ -198,8 +198,8 @@ def test_grid_image_columns_are_square_over_the_frames(tmp_path: Path, frames: i
     # Two keyframes, however many frames: the columns follow the frames (as the Keras example's plot_grid).
     scene = load_scene(write(tmp_path, "outputs: [sheet.png, {path: six.png, cols: 6}]\n", frames=frames))
     sheet, six = check_outputs(scene, tmp_path / "out")
-    assert _settings(scene, sheet, frames) == {"cols": cols}
-    assert _settings(scene, six, frames) == {"cols": 6}
+    assert output_settings(scene, sheet, frames) == {"cols": cols}
+    assert output_settings(scene, six, frames) == {"cols": 6}
 
 
 def test_a_grid_scene_keeps_its_own_columns(tmp_path: Path) -> None:
@@ -211,11 +211,11 @@ def test_a_grid_scene_keeps_its_own_columns(tmp_path: Path) -> None:
     )
     scene = load_scene(scene_file)
     (sheet,) = check_outputs(scene, tmp_path / "out")
-    assert _settings(scene, sheet, 6) == {"cols": 3}
+    assert output_settings(scene, sheet, 6) == {"cols": 3}
     scene_file.write_text(scene_file.read_text().replace("outputs: [sheet.png]\n", ""))
     default = load_scene(scene_file)  # the default outputs: MP4, GIF and grid.png
     grid_png = [t for t in check_outputs(default, tmp_path / "out") if t.kind == "grid"]
-    assert [_settings(default, t, 6) for t in grid_png] == [{"cols": 3}]
+    assert [output_settings(default, t, 6) for t in grid_png] == [{"cols": 3}]
 
 
 def test_a_four_frame_sheet_is_two_by_two(tmp_path: Path) -> None:
@@ -259,3 +259,34 @@ def test_outputs_left_behind_are_noted_and_left_as_is(tmp_path: Path) -> None:
     again = render(scene, cache)
     assert again["notes"] == []
     assert set(again["output_status"].values()) == {"up to date"}
+
+
+def test_each_output_folder_is_cleaned_of_dead_partials_once_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 9: clean_partials ran twice per output (in assemble and again in write_output). Now
+    # assemble cleans each folder once, before anything is written, also when every output is up to date.
+    import pipeline.outputs.assemble as assemble
+    import pipeline.outputs.writers as writers
+
+    scene = write(tmp_path / "s", "outputs: [a.mp4, b.gif, f/]\n")
+    out = tmp_path / "s" / "renders" / "scene"
+    calls: list[Path] = []
+    real = assemble.clean_partials
+
+    def counting(folder: Path) -> list[Path]:
+        calls.append(Path(folder))
+        return real(folder)
+
+    monkeypatch.setattr(assemble, "clean_partials", counting)
+    monkeypatch.setattr(writers, "clean_partials", counting)
+    first = render(scene, tmp_path / "cache")
+    assert set(first["output_status"].values()) == {"written"}
+    assert sorted(calls) == sorted([out, out / "f"])
+    calls.clear()
+    dead = f".b.gif.partial-{2**22 + 1}-abcdef01.gif"  # pid beyond Linux's maximum: never alive
+    (out / dead).write_bytes(b"x")
+    again = render(scene, tmp_path / "cache")
+    assert set(again["output_status"].values()) == {"up to date"}
+    assert sorted(calls) == sorted([out, out / "f"])
+    assert not (out / dead).exists()

@@ -116,8 +116,10 @@ def test_a_render_leaves_its_record_and_no_key_changes(tmp_path: Path) -> None:
         "band.mp4",
         "band.srt",
         "frames",
+        "index.html",  # the render page (tests/test_page.py)
         "out.mp4",
         "out.srt",
+        "page",
         "walk.frames.csv",
         "walk.frames.json",
         "walk.record.json",

@@ -68,7 +68,8 @@ def test_first_run_renders_everything_then_nothing(scene_dir: Path, tmp_path: Pa
     assert (first["frames"], first["rendered"], first["cached"]) == (12, 12, 0)
     out = scene_dir / "renders" / "scene"
     record = ["out.srt", "scene.frames.csv", "scene.frames.json", "scene.record.json", "scene.scene.yaml"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["out.gif", "out.mp4", *record])
+    page = ["index.html", "page"]  # the render page and its pictures (tests/test_page.py)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["out.gif", "out.mp4", *record, *page])
     second = render(scene, tmp_path / "cache")
     assert (second["rendered"], second["cached"]) == (0, 12)
     assert set(second["output_status"].values()) == {"up to date"}
@@ -154,12 +155,12 @@ def test_failed_output_write_keeps_previous_file(
     before = gif.read_bytes()
     write_scene(scene_dir, fps=6)  # outputs must be rewritten
 
-    import pipeline.outputs.assemble as assemble
+    import pipeline.outputs.gif as gif_writer
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(assemble, "_quantize", broken)
+    monkeypatch.setattr(gif_writer, "_quantize", broken)
     with pytest.raises(SystemExit) as exc:
         main([str(scene), "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert exc.value.code == 1

@@ -8,7 +8,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 python3 -m venv "$scratch/venv"
 "$scratch/venv/bin/pip" install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$scratch/venv/bin/pip" install --quiet --upgrade ".[dev,audio,ray]"
+"$scratch/venv/bin/pip" install --quiet --upgrade ".[dev,test,audio,ray]"
 "$scratch/venv/bin/pip" install --quiet --no-deps -e .
 "$scratch/venv/bin/python" -m pytest -q -p no:cacheprovider
 {

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audio.timeline import scene_timeline
-from pipeline.outputs.assemble import atomic_output
+from pipeline.outputs.files import atomic_output
 from pipeline.outputs.record import flat, frame_row, table_columns
 from pipeline.plan.planner import Plan
 

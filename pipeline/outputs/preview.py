@@ -28,8 +28,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.outputs.assemble import CachedFrames, FrameMissing
+from pipeline.outputs.writers import write_output
 from pipeline.plan.planner import FrameJob, Plan
-from pipeline.render.loop import CachedFrames, FrameMissing, Progress
+from pipeline.render.loop import Progress
 from pipeline.scene.core import Scene
 from pipeline.store.cache import CacheDir
 
@@ -304,8 +306,6 @@ def finish_preview(
     sheet: Sheet,
 ) -> None:
     """Complete the contact sheet, write the GIF, and say in ``result`` (a run's) what the preview was."""
-    from pipeline.outputs.assemble import write_output
-
     keys = [plan[f].key for f in shown]
     frames = CachedFrames(cache, keys)
     sheet.update(keys, lambda key: frames[keys.index(key)])

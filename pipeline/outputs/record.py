@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.outputs.assemble import atomic_output
+from pipeline.outputs import sequences
+from pipeline.outputs.files import atomic_output
 from pipeline.plan.planner import Plan
 from pipeline.scene.core import Scene
 from pipeline.scene.rules import output_kind
@@ -421,7 +422,5 @@ def write_record(
 
 def output_order(n: int, rubber_band: bool) -> list[int]:
     """The frame indices an output plays, in order (the rubber band's way back included)."""
-    from pipeline.outputs.assemble import rubber_band as band
-
     indices = list(range(n))
-    return list(band(indices)) if rubber_band else indices
+    return list(sequences.rubber_band(indices)) if rubber_band else indices

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.audio.rules import check_audio
 from pipeline.audio.timeline import AUDIO_CURVE
-from pipeline.outputs.assemble import kind_for_path
+from pipeline.outputs.kinds import kind_for_path
 from pipeline.plan import curves
 from pipeline.scene.inputrules import check_modes_and_files, embedding_token
 from pipeline.scene.modelrules import check_model

@@ -184,9 +184,9 @@ def test_enospc_while_writing_the_gif_keeps_the_old_gif(
 ) -> None:
     scene, cache, out = copy / "scenes" / "scene.yaml", copy / "cache", copy / "out"
     old_gif = (out / "out.gif").read_bytes()
-    import pipeline.outputs.assemble as assemble
+    import pipeline.outputs.gif as gif_writer
 
-    real_quantize = assemble._quantize
+    real_quantize = gif_writer._quantize
     calls = Counter[str]()
 
     def quantize(frame: Any, *args: Any) -> Any:  # the disk fills up after a few GIF frames are written
@@ -196,7 +196,7 @@ def test_enospc_while_writing_the_gif_keeps_the_old_gif(
         return real_quantize(frame, *args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(assemble, "_quantize", quantize)
+        patch.setattr(gif_writer, "_quantize", quantize)
         code, stderr = cli(scene, cache, out, capsys)
     assert code == 1, stderr
     assert ENOSPC_TEXT in stderr and "frames finished so far are cached" in stderr

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.outputs.assemble import write_gif, write_mp4
+from pipeline.outputs.writers import write_gif, write_mp4
 from tests.reliability._util import (
     Render,
     assert_same_frames,

@@ -22,8 +22,8 @@ from PIL import Image
 
 from pipeline.outputs.page import MAX_THUMBS, sheet_frames
 from pipeline.outputs.targets import check_outputs
-from pipeline.scene.core import load_scene
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.load import load_scene
+from pipeline.scene.problems import SceneError
 from tests.conftest import run_render as render
 from tools.page_screenshot import CHROMIUM, chromium
 

@@ -22,8 +22,10 @@ from typing import Any
 
 from pipeline.outputs.files import name_length_problem
 from pipeline.render.environment import input_files
-from pipeline.scene.core import Output, Scene, output_kind
-from pipeline.scene.yamlio import SceneError
+from pipeline.scene.core import Scene
+from pipeline.scene.problems import SceneError
+from pipeline.scene.rules import output_kind
+from pipeline.scene.schema import Output
 from pipeline.store.cache import CacheDir, record_key
 
 __all__ = ["PAGE", "PAGE_DIR", "Target", "Targets", "check_outputs", "left_behind", "output_settings"]

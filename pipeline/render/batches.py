@@ -9,12 +9,14 @@ out-of-memory helpers (``pipeline.render.loop.Renders`` drives them)::
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,8 +57,6 @@ class _Writer:
     ENCODERS = min(4, os.cpu_count() or 1)
 
     def __init__(self, store: Callable[[Any, bytes], None]):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._store = store
         self._encoders = ThreadPoolExecutor(self.ENCODERS, thread_name_prefix="png encoder")
         self._cond = threading.Condition()
@@ -207,8 +207,6 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _free_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()

@@ -415,5 +415,5 @@ def test_every_mode_in_the_table_has_its_branch_in_the_renderer(monkeypatch: pyt
     # A mode added to the table without its branch fails loudly, not as some other mode.
     extra = modes.Mode("sketch", scalars=("guidance",), needs=(), optional=(), pipelines={})
     monkeypatch.setitem(modes.MODES, "sketch", extra)
-    with pytest.raises(NotImplementedError, match="mode sketch is in pipeline.modes but has no branch"):
+    with pytest.raises(NotImplementedError, match=r"mode sketch is in pipeline\.modes but has no branch"):
         renderer._mode_inputs([FrameJob(0, "k", {"mode": {"mode": "sketch"}, "scalars": {}})])

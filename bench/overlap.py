@@ -97,7 +97,9 @@ def main() -> None:
     import pipeline
     import pipeline.render.loop
 
-    pngs = not hasattr(pipeline.render.loop, "encode_png")  # a driver that wants PNG bytes from the renderer
+    # A driver that wants PNG bytes from the renderer has no encode_png (in render/batches.py since issue 9).
+    driver = sys.modules.get("pipeline.render.batches", pipeline.render.loop)
+    pngs = not hasattr(driver, "encode_png")
     c.header(
         f"overlap: stand-in device at {ms:g} ms/frame, {frames} frames of 512x512, batch {batch}, "
         f"renderer returns {'PNG bytes' if pngs else 'images'}"

@@ -118,8 +118,8 @@ def main() -> None:
     import torch
 
     c.threads()
+    from pipeline.render.batches import encode_png
     from pipeline.render.interpolate import slerp
-    from pipeline.render.loop import encode_png
     from pipeline.render.models import load_pipeline, resolve_model
     from pipeline.render.renderer import configure
     from pipeline.scene.load import load_scene

@@ -58,17 +58,11 @@ from pipeline.outputs.targets import Target, check_outputs
 from pipeline.paths import default_cache_dir
 from pipeline.plan.history import frame_status, load_plan, save_plan
 from pipeline.plan.planner import FrameJob, Plan, plan
-from pipeline.render.environment import RenderEnv, resolve_env
+from pipeline.render.environment import RenderEnv, resolve_env, torch_device
 from pipeline.render.farm import DEFAULT_TIMEOUT_S, FarmError, FarmRenderer, farm_pool, farm_problems
 from pipeline.render.loop import Progress, run
-from pipeline.render.models import (
-    ModelError,
-    ModelRef,
-    check_model_spec,
-    load_pipeline,
-    resolve_model,
-    torch_device,
-)
+from pipeline.render.modelfiles import ModelError, ModelRef, check_model_spec
+from pipeline.render.models import load_pipeline, resolve_model
 from pipeline.scene.core import Scene
 from pipeline.scene.load import load_scene, parse_scene
 from pipeline.scene.modelrules import check_against_model
@@ -149,7 +143,7 @@ class BatchRenderer(Protocol):
     """Renders frames of one plan: an image per job, in order. ``encoded`` counts embeddings encoded.
 
     An image is a PIL image (RGB), an HxWx3 uint8 array, or PNG bytes; the run encodes the first two
-    as PNG (``pipeline.render.loop.encode_png``) in its writer thread, overlapping the next ``render_batch``.
+    as PNG (``pipeline.render.batches.encode_png``) in its writer thread, overlapping the next ``render_batch``.
     The jobs of one call share their ``FrameJob.batch_group``.
     """
 

@@ -19,10 +19,12 @@ from PIL import Image
 
 import pipeline
 from pipeline.plan.planner import denoised_steps, plan
+from pipeline.render.denoise import PerFrameGuidance, denoiser
 from pipeline.render.environment import resolve_env
 from pipeline.render.interpolate import conditioning
 from pipeline.render.models import load_pipeline, resolve_model
-from pipeline.render.renderer import FrameRenderer, PerFrameGuidance, _denoiser, configure, injected_noise
+from pipeline.render.noise import injected_noise
+from pipeline.render.renderer import FrameRenderer, configure
 from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 
@@ -113,7 +115,7 @@ def test_eased_values_share_one_call_and_equal_plain_diffusers(
             assert len({j.recipe["scalars"]["strength"] for j in jobs}) == 4
         assert len({j.batch_group(4, family) for j in jobs}) == 1
         calls: list[int] = []
-        hook = _denoiser(renderer.pipe).register_forward_pre_hook(lambda *_: calls.append(1))
+        hook = denoiser(renderer.pipe).register_forward_pre_hook(lambda *_: calls.append(1))
         together = renderer.render_batch(list(jobs))
         batched = len(calls)
         alone = [plain_diffusers(renderer, j) for j in jobs]
@@ -309,7 +311,7 @@ def test_the_writer_keeps_what_it_stored_pending_until_the_driver_collects_it() 
     import time
     from types import SimpleNamespace
 
-    from pipeline.render.loop import _Writer
+    from pipeline.render.batches import _Writer
 
     stored = threading.Event()
     writer = _Writer(lambda job, png: stored.set())

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import pipeline
 from pipeline.render.checkpoints import inspect_checkpoint
-from pipeline.render.models import EMBEDDED_DIR, ModelError, ModelRef, load_pipeline, resolve_model
+from pipeline.render.modelfiles import EMBEDDED_DIR, ModelError, ModelRef
+from pipeline.render.models import load_pipeline, resolve_model
 from pipeline.scene.problems import Problem
 from tests._ldm_layout import to_single_file, vae_to_ldm
 
@@ -477,7 +478,7 @@ def test_planning_a_single_file_model_with_a_vae_imports_no_torch(files: Path, t
 
 
 def test_a_checkpoint_or_vae_file_changed_after_planning_stops_the_run(files: Path, tmp_path: Path) -> None:
-    from pipeline.render.models import InputChanged, check_unchanged
+    from pipeline.render.modelfiles import InputChanged, check_unchanged
 
     shutil.copy(files / "tiny.safetensors", tmp_path / "m.safetensors")
     vae = _other_vae(tmp_path)

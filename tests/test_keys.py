@@ -522,7 +522,8 @@ def test_reindenting_model_index_json_changes_no_fingerprint(tmp_path):
     import json
     import shutil
 
-    from pipeline.render.models import EMBEDDED_DIR, resolve_model
+    from pipeline.render.modelfiles import EMBEDDED_DIR
+    from pipeline.render.models import resolve_model
 
     folder = tmp_path / "model"
     shutil.copytree(EMBEDDED_DIR / "tiny", folder)

@@ -319,3 +319,101 @@ def test_a_strength_that_leaves_no_denoising_step_keeps_the_start_image(
     frames = feedback.frames()
     moved = motion(frames[0], 1.5, 0.0, 0.0, 0.0)
     assert np.array_equal(np.asarray(frames[1]), np.asarray(moved.convert("RGB")))
+
+
+# The mode table (pipeline/modes.py): what the scene rules, the planner and the renderer read.
+
+
+def test_the_mode_table_holds_each_modes_facts() -> None:
+    from typing import get_args
+
+    from pipeline import modes
+
+    assert modes.MODE_NAMES == ("txt2img", "img2img", "inpaint", "depth2img", "feedback")
+    assert get_args(modes.ModeName) == modes.MODE_NAMES
+    # The order of the scalars indexes the planner's value columns: keys depend on it.
+    assert modes.SCALARS == ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
+    assert modes.IMAGE_FIELDS == ("init_image", "mask", "depth_map")
+    assert {name: m.scalars for name, m in modes.MODES.items()} == {
+        "txt2img": ("guidance",),
+        "img2img": ("guidance", "strength"),
+        "inpaint": ("guidance", "strength"),
+        "depth2img": ("guidance", "strength"),
+        "feedback": ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y"),
+    }
+    assert {name: (m.needs, m.optional) for name, m in modes.MODES.items()} == {
+        "txt2img": ((), ()),
+        "img2img": (("init_image",), ()),
+        "inpaint": (("init_image", "mask"), ()),
+        "depth2img": (("init_image",), ("depth_map",)),
+        "feedback": ((), ("init_image",)),
+    }
+    assert [name for name, m in modes.MODES.items() if m.chains] == ["feedback"]
+    every = ("txt2img", "img2img", "inpaint", "feedback")
+    for cls, allowed in {
+        "StableDiffusionPipeline": every,
+        "StableDiffusionXLPipeline": every,
+        "StableDiffusion3Pipeline": every,
+        "StableDiffusionInpaintPipeline": ("inpaint",),
+        "StableDiffusionXLInpaintPipeline": ("inpaint",),
+        "StableDiffusionDepth2ImgPipeline": ("depth2img",),
+    }.items():
+        assert modes.modes_for(cls) == allowed, cls
+    assert modes.pipeline_class("sdxl", "feedback") == "StableDiffusionXLImg2ImgPipeline"
+    assert modes.pipeline_class("sd", "depth2img") == "StableDiffusionDepth2ImgPipeline"
+
+
+def test_every_pipeline_class_in_the_mode_table_is_in_diffusers() -> None:
+    import diffusers
+
+    from pipeline.modes import MODES
+
+    for mode in MODES.values():
+        for family, name in mode.pipelines.items():
+            assert hasattr(diffusers, name), (mode.name, family, name)
+
+
+def test_a_frames_mode_recipe_holds_the_inputs_its_mode_uses() -> None:
+    from pipeline.modes import mode_recipe
+
+    files = {"i.png": "I", "m.png": "M", "d.png": "D"}
+    every = {"init_image": "i.png", "mask": "m.png", "depth_map": "d.png"}
+    none = {"init_image": None, "mask": None, "depth_map": None}
+    assert mode_recipe("txt2img", every, files) == {"mode": "txt2img"}
+    assert mode_recipe("img2img", every, files) == {"mode": "img2img", "init": "I"}
+    assert mode_recipe("inpaint", every, files) == {"mode": "inpaint", "init": "I", "mask": "M"}
+    assert mode_recipe("depth2img", every, files) == {"mode": "depth2img", "init": "I", "depth": "D"}
+    assert mode_recipe("depth2img", {**every, "depth_map": None}, files) == {
+        "mode": "depth2img",
+        "init": "I",
+        "depth": "estimated",
+    }
+    assert mode_recipe("feedback", every, files) == {"mode": "feedback", "init": "I"}
+    assert mode_recipe("feedback", none, files) == {"mode": "feedback"}
+
+
+def test_every_mode_in_the_table_has_its_branch_in_the_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import modes
+    from pipeline.plan.planner import FrameJob
+
+    renderer = FrameRenderer.__new__(FrameRenderer)  # no model: only the mode branches run
+    image = Image.new("RGB", (8, 8))
+    monkeypatch.setattr(renderer, "_image", lambda digest, mode="RGB": image.convert(mode), raising=False)
+    monkeypatch.setattr(renderer, "_previous", lambda job: image, raising=False)
+    motion_of = {"zoom": 1.0, "angle": 0.0, "translate_x": 0.0, "translate_y": 0.0}
+    expected = {
+        "txt2img": set(),
+        "img2img": {"image"},
+        "inpaint": {"image", "mask_image"},
+        "depth2img": {"image", "depth_map"},
+        "feedback": {"image"},
+    }
+    for name in modes.MODES:
+        recipe = {"mode": {"mode": name, "init": "I", "mask": "M", "depth": "D"}, "scalars": motion_of}
+        got, inputs = renderer._mode_inputs([FrameJob(0, "k", recipe)])
+        assert (got, set(inputs)) == (name, expected[name])
+    # A mode added to the table without its branch fails loudly, not as some other mode.
+    extra = modes.Mode("sketch", scalars=("guidance",), needs=(), optional=(), pipelines={})
+    monkeypatch.setitem(modes.MODES, "sketch", extra)
+    with pytest.raises(NotImplementedError, match=r"mode sketch is in pipeline\.modes but has no branch"):
+        renderer._mode_inputs([FrameJob(0, "k", {"mode": {"mode": "sketch"}, "scalars": {}})])

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.render.models import EMBEDDED_DIR
+from pipeline.render.modelfiles import EMBEDDED_DIR
 from tests.conftest import run_render
 
 BEFORE = """

@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline.audio.timeline import AudioCurve, curve_parser
 from pipeline.gcpause import gc_paused
+from pipeline.modes import MODES, mode_recipe
 from pipeline.plan.curves import parse_curve
 from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.plan.prompts import (
@@ -52,14 +53,6 @@ EMBEDDING_VERSION = 1
 # encoders), tokenizers (the token ids) and diffusers (its ``encode_prompt`` picks the layer, pads,
 # truncates and loads textual inversions). An upgrade of any of them must not reuse old embeddings.
 EMBEDDING_LIBRARIES: tuple[str, ...] = ("diffusers", "tokenizers", "torch", "transformers")
-# Scalars that matter only in some modes: a txt2img frame's key must not change with strength.
-_MODE_SCALARS: dict[str, tuple[str, ...]] = {
-    "txt2img": ("guidance",),
-    "img2img": ("guidance", "strength"),
-    "inpaint": ("guidance", "strength"),
-    "depth2img": ("guidance", "strength"),
-    "feedback": ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y"),
-}
 
 
 @dataclass(slots=True)
@@ -429,13 +422,15 @@ class _Frames:
         self._held: dict[tuple[int, ...], tuple[str, dict[str, Any]]] = {}
         column = [self._held_mode(combo, tracks, files) for combo in combos]
         self._h = self._state(column) if moving else None
-        self.feedback = any(name == "feedback" for name, _ in self._held.values())
+        self.feedback = any(MODES[name].chains for name, _ in self._held.values())
 
         # 3. Scalars: those of every mode the scene uses, each a value column; each mode picks its own.
         modes = {name for name, _ in self._held.values()}
-        used = [name for name in SCALARS if any(name in _MODE_SCALARS[m] for m in modes)]
+        # Scalars that matter only in some modes (MODES[m].scalars): a txt2img frame's key must not
+        # change with strength.
+        used = [name for name in SCALARS if any(name in MODES[m].scalars for m in modes)]
         index = {name: self._value(self._scalar_column(tracks[name])) for name in used}
-        self._scalars = {m: [(name, index[name]) for name in _MODE_SCALARS[m]] for m in modes}
+        self._scalars = {m: [(name, index[name]) for name in MODES[m].scalars] for m in modes}
         self._loras = [
             (name, self._value(self._scalar_column(tracks[f"lora:{name}"])))
             for name in (scene.lora_name(lo) for lo in scene.loras)
@@ -532,14 +527,7 @@ class _Frames:
             moving = [name for name in HELD if name not in held]
             held.update((name, tracks[name].values[i]) for name, i in zip(moving, combo, strict=True))
             name = held["mode"]
-            mode: dict[str, Any] = {"mode": name}
-            if name != "txt2img":
-                if held["init_image"]:
-                    mode["init"] = files[held["init_image"]]
-                if name == "inpaint":
-                    mode["mask"] = files[held["mask"]]
-                if name == "depth2img":
-                    mode["depth"] = files[held["depth_map"]] if held["depth_map"] else "estimated"
+            mode: dict[str, Any] = mode_recipe(name, held, files)
             self._held[combo] = (name, mode)
         return combo
 
@@ -561,7 +549,7 @@ class _Frames:
         scalars: dict[str, Any] = {n: values[i] for n, i in self._scalars[name]}
         if self._loras:
             scalars["lora"] = {n: values[i] for n, i in self._loras}
-        if name == "feedback":
+        if MODES[name].chains:
             # A feedback frame starts from the frame before it: its key carries that frame's key,
             # so an edit at frame k re-renders k and everything after, and nothing before.
             mode = {**mode, "prev": None if state[-1] else values[-1]}

@@ -1,7 +1,7 @@
 """The facts outside a scene file that decide its pixels, gathered once before planning.
 
 Planning is pure; everything it needs from disk is read here first: the model's fingerprint and
-scheduler config, the content hash of every input file, the library versions, the device::
+scheduler config, the content hash of every input file, the library versions, the device and dtype::
 
     env = resolve_env(scene)                   # reads files, never imports torch
     jobs = plan(scene, env)
@@ -12,21 +12,19 @@ Keeping this apart means ``plan`` can be tested and benchmarked with a hand-made
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.render.models import (
-    InputChanged,
-    ModelRef,
-    choose_dtype,
-    detect_device,
-    library_versions,
-    memo_digest,
-    resolve_model,
-)
+from pipeline.modes import IMAGE_FIELDS
+from pipeline.render.modelfiles import InputChanged, ModelRef, memo_digest
+from pipeline.render.models import resolve_model
 from pipeline.scene.core import Scene
-from pipeline.scene.schema import IMAGE_FIELDS
 
 
 @dataclass(frozen=True)
@@ -119,3 +117,49 @@ def read_input(scene: Scene, files: Mapping[str, str], digest: str) -> bytes:
         f"input '{names[0]}' changed during the run, after its frames were planned; nothing was rendered "
         "from the new content. Run again: the frames are planned from the file as it is then"
     )
+
+
+def detect_device() -> str:
+    """'cuda', 'mps' or 'cpu', decided without importing torch (a no-op re-run never loads it)."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "cpu"
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mps"
+    if "+cpu" in version:
+        return "cpu"
+    if os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"):
+        return "cuda"
+    return "cpu"
+
+
+def torch_device() -> str:
+    """The device torch itself can use: the check behind :func:`detect_device`'s guess."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def choose_dtype(requested: str, device: str) -> str:
+    """fp16 on CUDA (halves memory, tensor cores), fp32 elsewhere (CPU half precision is slow or missing)."""
+    if requested != "auto":
+        return requested
+    return "float16" if device == "cuda" else "float32"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics decide the pixels: torch, diffusers and transformers
+    compute them; tokenizers makes the token ids, peft applies LoRA weights and Pillow resizes the
+    input images."""
+    out = {}
+    for dist in ("torch", "diffusers", "transformers", "tokenizers", "peft", "pillow"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out

@@ -14,15 +14,17 @@ loaders is torch-free, and nothing here touches the network when ``download=Fals
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.modes import family_of
 from pipeline.plan.keys import file_digest, json_digest
 from pipeline.render.checkpoints import Layout, checkpoint_tensors, inspect_checkpoint, is_checkpoint_spec
-from pipeline.render.models import (
+from pipeline.render.modelfiles import (
     _COMMIT,
     EMBEDDED_DIR,
     HF_ID,
@@ -36,9 +38,8 @@ from pipeline.render.models import (
     _shorten,
     check_model_spec,
     embedded_models,
-    family_of,
 )
-from pipeline.scene.inputfiles import path_kind
+from pipeline.scene.inputfiles import path_kind, read_weights_header
 
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # The small files of a diffusers model: what a single-file checkpoint lacks.
@@ -280,8 +281,6 @@ def _vae_file_problem(path: Path, shown: str) -> str | None:
     if not path.name.lower().endswith(VAE_FILE_SUFFIXES):
         return f"'{shown}' is not a weights file (a VAE file ends in {', '.join(VAE_FILE_SUFFIXES)})"
     if path.suffix.lower() == ".safetensors":
-        from pipeline.scene.inputfiles import read_weights_header
-
         tensors = read_weights_header(path)
         if isinstance(tensors, str):
             return f"'{shown}': {tensors}"
@@ -343,8 +342,6 @@ def load_checkpoint(ref: ModelRef, cls: Any, kwargs: dict[str, Any]) -> Any:
     diffusers loads a ``.ckpt`` with ``torch.load(weights_only=True)``: tensors and plain containers
     only, never code (and ``pipeline.render.checkpoints`` refused any other pickle before this).
     """
-    import importlib
-
     assert ref.folder is not None and ref.checkpoint is not None
     for name, value in ref.index.items():
         if name.startswith("_") or name in kwargs or name in ref.from_file:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import app
 from pipeline.plan.planner import plan
 from pipeline.render.environment import resolve_env
-from pipeline.render.models import InputChanged
+from pipeline.render.modelfiles import InputChanged
 from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
 from tests.reliability._helpers_inputs import (

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.render.models import check_model_spec, resolve_model
+from pipeline.render.modelfiles import check_model_spec
+from pipeline.render.models import resolve_model
 from pipeline.store.cache import CacheDir, record_key
 from tests.reliability._helpers_inputs import (
     EMBEDDED,

@@ -193,11 +193,8 @@ def weight_byte(scene: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def library_version(scene: Path, mp: pytest.MonkeyPatch) -> dict[str, Any]:
     import pipeline.render.environment
-    import pipeline.render.models
 
-    versions = {**pipeline.render.models.library_versions(), "diffusers": "0.99.0"}
-    # resolve_env calls the name it imported from pipeline.render.models: patch both.
-    mp.setattr(pipeline.render.models, "library_versions", lambda: dict(versions))
+    versions = {**pipeline.render.environment.library_versions(), "diffusers": "0.99.0"}
     mp.setattr(pipeline.render.environment, "library_versions", lambda: dict(versions))
     return {}
 

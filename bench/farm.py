@@ -66,8 +66,8 @@ def shipping(size: int, rounds: int) -> dict[str, float]:
     from safetensors.torch import save
 
     import pipeline
+    from pipeline.render.batches import encode_png
     from pipeline.render.farm import verify_png
-    from pipeline.render.loop import encode_png
 
     rng = np.random.default_rng(0)
     pngs = [encode_png(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(BATCH)]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pipeline.render.loop import encode_png
+from pipeline.render.batches import encode_png
 from pipeline.render.models import ModelError, library_versions, load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, configure
 

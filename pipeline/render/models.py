@@ -24,7 +24,6 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.modes import modes_for  # noqa: F401  (pipeline.scene.core imports it from here until it reads pipeline.modes)
 from pipeline.plan.keys import json_digest
 from pipeline.render.checkpoints import is_checkpoint_spec
 from pipeline.render.modelfiles import (

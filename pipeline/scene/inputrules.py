@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.modes import IMAGES, MODES
 from pipeline.scene.inputfiles import (
     embedding_problem,
     image_size,
@@ -126,35 +127,35 @@ def check_modes_and_files(
         segments = []
     reported: set[tuple[Any, ...]] = set()
     for at, st in segments:
-        mode = st["mode"]
+        mode = MODES[st["mode"]]
         # One report per distinct state: a held mode would otherwise be reported at every keyframe.
-        state_key = (at, mode, st["init_image"], st["mask"])
+        state_key = (at, mode.name, st["init_image"], st["mask"])
         if state_key in reported:
             continue
         reported.add(state_key)
         where = f"keyframe {at[1] + 1}" if at[0] == "keyframes" else "the scene"
-        if mode in ("img2img", "inpaint", "depth2img") and not st["init_image"]:
-            problems.append(doc.problem(at, f"{where}: mode {mode} needs an 'init_image'"))
-        if mode == "inpaint" and not st["mask"]:
-            problems.append(
-                doc.problem(at, f"{where}: mode inpaint needs a 'mask' (white repaints, black keeps)")
-            )
-        image_size_, mask_size = sizes.get(st["init_image"] or ""), sizes.get(st["mask"] or "")
-        if mode == "inpaint" and image_size_ and mask_size and image_size_ != mask_size:
-            problems.append(
-                doc.problem(
-                    at,
-                    f"{where}: the mask '{st['mask']}' is {mask_size[0]}x{mask_size[1]} but the init image "
-                    f"'{st['init_image']}' is {image_size_[0]}x{image_size_[1]}; they must be the same size",
-                )
-            )
-    if (
-        scene.mode != "txt2img"
-        and (scene.walk is not None or scene.grid is not None)
-        and scene.mode == "feedback"
-    ):
+        for name in mode.needs:
+            if not st[name]:
+                problems.append(doc.problem(at, f"{where}: mode {mode.name} needs {IMAGES[name].needed}"))
+        if mode.same_size:
+            first, *others = mode.same_size
+            size = sizes.get(st[first] or "")
+            for other in others:
+                other_size = sizes.get(st[other] or "")
+                if size and other_size and size != other_size:
+                    problems.append(
+                        doc.problem(
+                            at,
+                            f"{where}: the {IMAGES[other].noun} '{st[other]}' is {other_size[0]}x{other_size[1]} "
+                            f"but the {IMAGES[first].noun} '{st[first]}' is {size[0]}x{size[1]}; "
+                            "they must be the same size",
+                        )
+                    )
+    if MODES[scene.mode].chains and (scene.walk is not None or scene.grid is not None):
         problems.append(
-            doc.problem(("mode",), "mode feedback chains frames in time; it does not apply to a grid or walk")
+            doc.problem(
+                ("mode",), f"mode {scene.mode} chains frames in time; it does not apply to a grid or walk"
+            )
         )
     return problems
 

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.render.models import check_model_spec, modes_for
+from pipeline.modes import modes_for
+from pipeline.render.modelfiles import check_model_spec
 from pipeline.render.singlefile import check_checkpoint_options, check_vae_spec
 from pipeline.scene.inputfiles import read_weights_header
 from pipeline.scene.inputrules import embedding_token

@@ -17,16 +17,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic_core import PydanticCustomError
 
 from pipeline.audio.model import Audio, audio_ref
+from pipeline.modes import IMAGE_FIELDS, SCALARS  # noqa: F401 - SCALARS: the scene's keyframable scalars
+from pipeline.modes import ModeName as Mode
 from pipeline.scene.problems import Problem, describe
 from pipeline.scene.timeline import MAX_FRAMES, SECONDS, parse_duration
 from pipeline.scene.yamlio import YamlDoc
 
-Mode = Literal["txt2img", "img2img", "inpaint", "depth2img", "feedback"]
-# Scalars that a keyframe may set and that are interpolated with the keyframe's curve.
-SCALARS: tuple[str, ...] = ("guidance", "strength", "zoom", "angle", "translate_x", "translate_y")
-# Values that hold from the keyframe that sets them until the next one that does.
-HELD: tuple[str, ...] = ("mode", "init_image", "mask", "depth_map")
-IMAGE_FIELDS: tuple[str, ...] = ("init_image", "mask", "depth_map")
+# Values that hold from the keyframe that sets them until the next one that does. (The scalars a
+# keyframe may set and interpolate with its curve, SCALARS, and the input images are the modes':
+# pipeline.modes.)
+HELD: tuple[str, ...] = ("mode", *IMAGE_FIELDS)
 # Bounds that keep every keyframed value finite through interpolation: a value moves by at most
 # (b - a) times a curve weight, and cubic_bezier weights stay within curves.MAX_BEZIER_Y, so values
 # of at most a million never overflow to inf (which no cache key can hold). A feedback frame moves

@@ -36,7 +36,8 @@ import _common as c
 
 from pipeline.plan.planner import plan
 from pipeline.render.environment import RenderEnv, resolve_env
-from pipeline.scene.core import load_scene, yamlio
+from pipeline.scene import yamlio
+from pipeline.scene.core import load_scene
 
 ENV = RenderEnv(
     model="tiny",

@@ -65,8 +65,9 @@ from pipeline.render.models import (
 )
 from pipeline.scene.core import Scene, check_against_model, load_scene, parse_scene
 from pipeline.scene.yamlio import SceneError
-from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.store.cache import CacheDir, CacheUnavailable
 from pipeline.store.claims import live_claims
+from pipeline.store.records import FILE_DIGESTS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -427,7 +428,7 @@ class Session:
         try:
             cached = readable_frames(cache, p)
             if self._memo_changes is not None:
-                cache.records.put_json(record_key("file-digests"), self._memo_changes)
+                cache.records.put_json(FILE_DIGESTS, self._memo_changes)
             if self.device == "auto" and any(j.key not in cached for j in p):
                 # Rendering imports torch anyway: let it confirm the device guessed without it.
                 actual = torch_device()
@@ -572,7 +573,7 @@ def _memo(cache: CacheDir | None) -> dict[str, Any]:
     """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
     if cache is None:
         return {}
-    return dict(cache.records.get_json(record_key("file-digests")) or {})
+    return dict(cache.records.get_json(FILE_DIGESTS) or {})
 
 
 def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:

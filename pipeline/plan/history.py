@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.plan.planner import Plan
-from pipeline.store.cache import Store, record_key
+from pipeline.store.cache import Store
+from pipeline.store.records import plan_key
 
 # How a recipe field is named to a user.
 _FRAME_FIELDS = {"cond": "prompt", "neg": "negative prompt", "noise": "noise", "mode": "mode or its inputs"}
@@ -41,15 +42,11 @@ _BASE_FIELDS = {
 }
 
 
-def plan_record_key(scene_path: Path) -> str:
-    return record_key("plan", str(Path(scene_path).resolve()))
-
-
 def save_plan(records: Store, scene_path: Path, plan: Plan) -> None:
     """Remember this plan as the scene's latest (called when a render starts)."""
     data = {"base": plan.base, "keys": [j.key for j in plan], "recipes": [j.recipe for j in plan]}
     records.put(
-        plan_record_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
+        plan_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
     )
 
 
@@ -57,7 +54,7 @@ def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:
     """The scene's last recorded plan, or None (never rendered, unreadable, or no cache yet)."""
     if records is None:
         return None
-    blob = records.get(plan_record_key(scene_path))
+    blob = records.get(plan_key(scene_path))
     if blob is None:
         return None
     try:

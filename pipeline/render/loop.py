@@ -34,7 +34,8 @@ from pipeline.render.environment import RenderEnv, input_files
 from pipeline.render.models import ModelError, ModelRef
 from pipeline.scene.core import Output, Scene, output_kind
 from pipeline.scene.yamlio import SceneError
-from pipeline.store.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir
+from pipeline.store.records import output_key, outputs_of_key
 
 # 2: MP4s carry a comment and frames folders their parameters as PNG text chunks; 3: GIFs have one
 # palette fitted to all frames and delta frames. Each bump writes every output once more.
@@ -230,7 +231,7 @@ def assemble(
                 "settings": settings,
             }
         )
-        rec_key = record_key("output", str(target.path))
+        rec_key = output_key(target.path)
         record = cache.records.get_json(rec_key)
         if record and record.get("key") == out_key and _stamp(target.path) == record.get("stamp"):
             status[str(target.path)] = "up to date"
@@ -366,7 +367,7 @@ def left_behind(scene: Scene, targets: Targets, cache: CacheDir) -> list[str]:
         # The outputs the scene would have without its list (effective_outputs keeps that rule in one place).
         unlisted = scene.model_copy(update={"outputs": None})
         defaults = [(targets.out_dir / out.path).resolve() for out in unlisted.effective_outputs()]
-    rec_key = record_key("outputs of", str(scene.path.resolve()), str(targets.out_dir))
+    rec_key = outputs_of_key(scene.path, targets.out_dir)
     record = cache.records.get_json(rec_key)
     earlier = [Path(p) for p in record.get("paths", [])] if isinstance(record, dict) else []
     notes, kept = [], []

@@ -45,9 +45,7 @@ _BASE_FIELDS = {
 def save_plan(records: Store, scene_path: Path, plan: Plan) -> None:
     """Remember this plan as the scene's latest (called when a render starts)."""
     data = {"base": plan.base, "keys": [j.key for j in plan], "recipes": [j.recipe for j in plan]}
-    records.put(
-        plan_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
-    )
+    records.put(plan_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6))
 
 
 def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ Pure and fast: no torch, no model, no disk (the facts from outside the scene arr
 
     jobs = plan(scene, env)
     jobs[10].key, jobs[10].recipe["cond"]     # {"a": [[emb_key, 1.0]], "b": [[emb_key, 1.0]], "t": 0.17}
+    jobs[10].view.cond.t                      # 0.17: the same recipe, typed (pipeline.plan.recipe)
 
 How values change over time is the tracks' business (:mod:`pipeline.plan.tracks`); the key of each
 prompt's embedding is made in :mod:`pipeline.plan.embeddings`; typed views of a recipe, what the
@@ -25,6 +26,7 @@ from typing import Any
 from pipeline.gcpause import gc_paused
 from pipeline.plan.embeddings import Embeddings
 from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
+from pipeline.plan.recipe import Recipe
 from pipeline.plan.tracks import Track, build_tracks
 from pipeline.render.environment import RenderEnv
 from pipeline.scene.core import HELD, SCALARS, PromptPart, Scene
@@ -49,6 +51,12 @@ class FrameJob:
     key: str
     recipe: dict[str, Any]
 
+    @property
+    def view(self) -> Recipe:
+        """The recipe, typed (:class:`~pipeline.plan.recipe.Recipe`); made on each access, it costs one
+        small object and copies nothing."""
+        return Recipe(self.recipe)
+
     def batch_group(self, steps: int, family: str) -> str:
         """Frames of one group go through one pipeline call together, each keeping its own pixels.
 
@@ -59,14 +67,14 @@ class FrameJob:
         starts from pure noise then). Prompts, negative prompts, noise, guidance and feedback motion
         are per frame.
         """
-        r = self.recipe
-        scalars = r["scalars"]
-        mode = {k: v for k, v in r["mode"].items() if k != "prev"}
+        r = self.view
+        mode = r.mode.inputs()
         # A feedback chain that starts with nothing to feed back renders as txt2img: its own group.
-        mode["starts_chain"] = r["mode"].get("prev") is None
-        group: dict[str, Any] = {"mode": mode, "cfg": "neg" in r, "lora": scalars.get("lora")}
-        if "strength" in scalars:
-            strength = float(scalars["strength"])
+        mode["starts_chain"] = r.mode.prev is None
+        group: dict[str, Any] = {"mode": mode, "cfg": r.neg is not None, "lora": dict(r.lora) or None}
+        strength = r.scalars.get("strength")
+        if strength is not None:
+            strength = float(strength)
             group["denoised"] = denoised_steps(steps, strength, family)
             group["full"] = strength == 1.0
         return key_of(group)

@@ -328,7 +328,7 @@ class Session:
                         vae=scene.vae,
                         scene_dir=scene.base_dir,
                     )
-                    env = resolve_env(scene, device=self.device, ref=ref)
+                    env = resolve_env(scene, device=self.device, ref=ref, memo=memo)  # memo: token counts too
                 except ModelError as exc:
                     raise InputError([f"{scene.path}: {exc}"]) from None
                 misfits = check_against_model(

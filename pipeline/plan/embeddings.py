@@ -63,6 +63,8 @@ class Embeddings:
         )
         self.learned = [e.token or "" for e in scene.embeddings]
         self._tokenizer_folder = env.tokenizer
+        # Counts made with the env's tokenizer; none where there is none to count with.
+        self._token_counts = env.token_counts if env.tokenizer is not None else {}
         self.by_text: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.blends: dict[tuple[tuple[str, float], ...], list[list[Any]]] = {}
@@ -79,9 +81,13 @@ class Embeddings:
         return found
 
     def _may_need_parser(self, text: str) -> bool:
+        fmt = str(self.prompts["format"])  # type: ignore[index]
+        count = self._token_counts.get(text)
+        if count is not None:  # counted on an earlier run (kept in the cache: RenderEnv.token_counts)
+            return may_need_parser(text, fmt, self.learned, tokens=count)
         # The tokenizer is read only for a text that may be long (most scenes never read it).
         tokenizer = load_tokenizer(self._tokenizer_folder) if may_be_long(text) else None
-        return may_need_parser(text, str(self.prompts["format"]), self.learned, tokenizer)  # type: ignore[index]
+        return may_need_parser(text, fmt, self.learned, tokenizer)
 
     def blend(self, parts: list[PromptPart]) -> list[list[Any]]:
         """A prompt as [[embedding key, weight], ...]; equal prompts give the same (shared) list."""

@@ -28,8 +28,9 @@ from pipeline.plan.embeddings import Embeddings
 from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
 from pipeline.plan.recipe import Recipe
 from pipeline.plan.tracks import Track, build_tracks
-from pipeline.render.environment import RenderEnv
+from pipeline.render.environment import RenderEnv, resolve_env
 from pipeline.scene.core import HELD, SCALARS, PromptPart, Scene
+from pipeline.schedulers import SCHEDULERS  # plain data, no torch
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1
@@ -120,8 +121,6 @@ class Plan(Sequence[FrameJob]):
 
 def _base(scene: Scene, env: RenderEnv) -> dict[str, Any]:
     """What every frame of the scene shares (model, sampler, size, learned weights...)."""
-    from pipeline.schedulers import SCHEDULERS  # plain data, no torch
-
     # The scheduler as it will be built (class and config), not as it is spelled: `scheduler: pndm`
     # on a model whose own scheduler already is that PNDM is the same sampler, and the same frames.
     config = {k: v for k, v in env.scheduler_config.items() if not k.startswith("_")}
@@ -377,8 +376,6 @@ def plan(scene: Scene, env: RenderEnv | None = None) -> Plan:
     files and the scene's inputs, but never imports torch), as ``render.py`` does.
     """
     if env is None:
-        from pipeline.render.environment import resolve_env
-
         env = resolve_env(scene)
     # Planning allocates about ten objects per frame, none in a cycle.
     with gc_paused():

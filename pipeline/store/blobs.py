@@ -26,17 +26,17 @@ from diskcache.core import DBNAME
 
 from pipeline.plan.keys import canonical_json
 from pipeline.store.disk import (
-    _CACHE_SETTINGS,
-    _KEY_RE,
+    CACHE_SETTINGS,
+    KEY_RE,
     SQLITE_TIMEOUT_S,
     CacheReadOnly,
     CacheWarning,
     CorruptEntry,
+    ReadOnlyDB,
     SafeDisk,
-    _ReadOnlyDB,
-    _tree_size,
-    _unwrap,
     check_key,
+    tree_size,
+    unwrap,
 )
 
 logger = logging.getLogger("pipeline.store.cache")  # one logger for the whole cache
@@ -80,10 +80,10 @@ class Store:
         self._skip_puts = readonly and skip_puts
         self._cache: Any
         if readonly:
-            self._cache = _ReadOnlyDB(self._directory, timeout)
+            self._cache = ReadOnlyDB(self._directory, timeout)
         else:
             self._cache = diskcache.Cache(
-                str(self._directory), timeout=timeout, disk=SafeDisk, **_CACHE_SETTINGS
+                str(self._directory), timeout=timeout, disk=SafeDisk, **CACHE_SETTINGS
             )
 
     # -- introspection ------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Store:
             rowid, store_time, mode, filename, value = row
             try:
                 blob = self._cache.disk.fetch(mode, filename, value, False)
-                return _unwrap(blob, key, f"value file {filename}" if filename else "inline value")
+                return unwrap(blob, key, f"value file {filename}" if filename else "inline value")
             except CorruptEntry as exc:
                 if self._discard(key, rowid, store_time, filename, exc):
                     return None
@@ -180,7 +180,7 @@ class Store:
         rows = self._sql()("SELECT key FROM Cache WHERE tag = ? AND raw = 1", (tag,)).fetchall()
         found = {}
         for (key,) in rows:
-            if isinstance(key, str) and _KEY_RE.fullmatch(key):
+            if isinstance(key, str) and KEY_RE.fullmatch(key):
                 payload = self.get(key)
                 if payload is not None:
                     found[key] = payload
@@ -191,7 +191,7 @@ class Store:
 
         Unlike the other methods this does not raise for an invalid key: no such key can be stored.
         """
-        if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None:
+        if not isinstance(key, str) or KEY_RE.fullmatch(key) is None:
             return False
         rows = self._sql()("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchall()
         return bool(rows)
@@ -231,14 +231,14 @@ class Store:
     def keys(self) -> Iterator[str]:
         """All valid keys in the store (in no particular order); pickled or odd keys are skipped."""
         rows = self._sql()("SELECT key FROM Cache WHERE raw = 1").fetchall()
-        return iter([key for (key,) in rows if isinstance(key, str) and _KEY_RE.fullmatch(key)])
+        return iter([key for (key,) in rows if isinstance(key, str) and KEY_RE.fullmatch(key)])
 
     def __len__(self) -> int:
         return len(self._cache)
 
     def volume(self) -> int:
         """Bytes of every file in the store's folder: the database, its -wal and -shm files, value files."""
-        return _tree_size(self._directory)
+        return tree_size(self._directory)
 
     def clear(self) -> int:
         """Delete every entry; returns how many were removed."""

@@ -68,10 +68,10 @@ from pipeline.store.disk import (
     CorruptEntry,
     SafeDisk,
     UnsafeEntry,
-    _disk_full,
-    _open_failure,
-    _tree_size,
     check_key,
+    disk_full,
+    open_failure,
+    tree_size,
 )
 from pipeline.store.records import record_key
 
@@ -154,7 +154,7 @@ class CacheDir:
                 try:
                     self.path.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    kind = _open_failure(exc, self.path)
+                    kind = open_failure(exc, self.path)
                     raise CacheUnavailable(self.path, "denied" if kind == "readonly" else kind, exc) from exc
             for name in STORE_NAMES:
                 try:
@@ -164,7 +164,7 @@ class CacheDir:
                 except FileNotFoundError:
                     raise
                 except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-                    kind = _open_failure(exc, self.path / name)
+                    kind = open_failure(exc, self.path / name)
                     if kind == "readonly" and not CacheDir.exists(self.path):
                         kind = "denied"
                     raise CacheUnavailable(self.path, kind, exc, store=name) from exc
@@ -185,7 +185,7 @@ class CacheDir:
     def unwritable(path: str | os.PathLike[str]) -> str | None:
         """Why this process cannot write the existing cache at `path`, or None if it looks writable."""
         root = Path(path)
-        return _unwritable(root) or (f"the disk holding {root} is full" if _disk_full(root) else None)
+        return _unwritable(root) or (f"the disk holding {root} is full" if disk_full(root) else None)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, timeout: float = SQLITE_TIMEOUT_S) -> CacheDir:
@@ -250,8 +250,8 @@ class CacheDir:
                 except FileNotFoundError:
                     entries = 0  # being created by another process
                 except (sqlite3.Error, OSError) as exc:
-                    problem = CacheUnavailable(root, _open_failure(exc, folder), exc, store=name)
-            found.append(StoreSurvey(name, entries, _tree_size(folder) if folder.is_dir() else 0, problem))
+                    problem = CacheUnavailable(root, open_failure(exc, folder), exc, store=name)
+            found.append(StoreSurvey(name, entries, tree_size(folder) if folder.is_dir() else 0, problem))
         return found
 
     @staticmethod
@@ -267,14 +267,14 @@ class CacheDir:
         folder = root / name
         if not (folder / DBNAME).is_file():
             return 0, None
-        before = _tree_size(folder)
+        before = tree_size(folder)
         for target in (folder, folder / DBNAME):
             if not os.access(target, os.W_OK):
                 raise CacheUnavailable(root, "readonly", PermissionError(f"{target} is not writable"), name)
         try:
             store = Store(folder, create=False)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
-            kind = _open_failure(exc, folder)
+            kind = open_failure(exc, folder)
             if kind != "damaged":
                 raise CacheUnavailable(root, kind, exc, store=name) from exc
             # Nothing in it can be read: remove the folder. Only our own store folder, by its fixed name.
@@ -283,7 +283,7 @@ class CacheDir:
         with store:
             store.clear()
             store.compact()
-        return max(0, before - _tree_size(folder)), None
+        return max(0, before - tree_size(folder)), None
 
     @property
     def stores(self) -> dict[str, Store]:

@@ -2,7 +2,7 @@
 plain read-only sqlite access, plus the errors a store reports.
 
 Every value is sealed as ``ENVELOPE_MAGIC + sha256(key, NUL, payload) + payload``; `SafeDisk` stores only
-str keys and enveloped bytes, and refuses (never decodes) anything in pickle mode. `_ReadOnlyDB` reads a
+str keys and enveloped bytes, and refuses (never decodes) anything in pickle mode. `ReadOnlyDB` reads a
 store without writing a byte, for caches this process may not write. `pipeline.store.blobs.Store` is
 built on these; `pipeline.store.cache` re-exports the public names.
 """
@@ -40,7 +40,7 @@ SQLITE_TIMEOUT_S = 120.0
 # Settings passed to every diskcache.Cache we open. They are persisted in the store's Settings table
 # and re-applied on every open, so a store created by an older version (or by plain diskcache with its
 # 1 GB default limit and LRU-ish eviction) is switched to "never evict" as soon as we open it.
-_CACHE_SETTINGS: dict[str, Any] = {
+CACHE_SETTINGS: dict[str, Any] = {
     # Frames are expensive to render: losing them silently to a size limit would be a bug.
     "eviction_policy": "none",
     "size_limit": 2**62,
@@ -50,7 +50,7 @@ _CACHE_SETTINGS: dict[str, Any] = {
     "statistics": False,
 }
 
-_KEY_RE = re.compile(r"[0-9a-f]{64}")
+KEY_RE = re.compile(r"[0-9a-f]{64}")
 # diskcache.Disk.filename() names value files "ab/cd/<28 hex>.val". Anything else in the filename
 # column was not written by diskcache and must never be opened or, worse, deleted.
 _VALUE_FILE_RE = re.compile(r"[0-9a-f]{2}[/\\][0-9a-f]{2}[/\\][0-9a-f]{28}\.val")
@@ -113,7 +113,7 @@ class CacheUnavailable(OSError):
 _NEARLY_FULL = 256 * 1024
 
 
-def _disk_full(where: Path | None) -> bool:
+def disk_full(where: Path | None) -> bool:
     """Whether the file system holding `where` (or its nearest existing parent) is (nearly) full."""
     if where is None:
         return False
@@ -126,13 +126,13 @@ def _disk_full(where: Path | None) -> bool:
     return False
 
 
-def _open_failure(exc: BaseException, where: Path | None = None) -> str:
+def open_failure(exc: BaseException, where: Path | None = None) -> str:
     """Classify an error raised while opening a store: 'full', 'damaged', 'readonly' or 'other'."""
     code = getattr(exc, "errno", None)
     text = str(exc).lower()
     if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text or "no space" in text:
         return "full"
-    if "disk i/o error" in text and _disk_full(where):
+    if "disk i/o error" in text and disk_full(where):
         # What sqlite says when it cannot size the WAL index (-shm file) on a full disk.
         return "full"
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text:
@@ -155,7 +155,7 @@ def check_key(key: object) -> str:
     """
     if not isinstance(key, str):
         raise TypeError(f"cache keys must be str, not {type(key).__name__}")
-    if _KEY_RE.fullmatch(key) is None:
+    if KEY_RE.fullmatch(key) is None:
         raise ValueError(f"cache keys must be 64 lowercase hex characters, got {key!r:.80}")
     return key
 
@@ -169,7 +169,7 @@ def _wrap(key: str, payload: bytes) -> bytes:
     return ENVELOPE_MAGIC + _digest(key, payload) + payload
 
 
-def _unwrap(blob: bytes, key: str, where: str) -> bytes:
+def unwrap(blob: bytes, key: str, where: str) -> bytes:
     if len(blob) < _HEADER_SIZE:
         raise CorruptEntry(f"{where}: truncated ({len(blob)} bytes, header needs {_HEADER_SIZE})")
     if blob[: len(ENVELOPE_MAGIC)] != ENVELOPE_MAGIC:
@@ -215,7 +215,7 @@ class SafeDisk(diskcache.Disk):
         if mode == MODE_PICKLE:
             raise UnsafeEntry("value stored in pickle mode; refusing to unpickle it")
         # Returns the sealed envelope: only the caller knows the key it was read under (Store.get
-        # opens it with `_unwrap`), and diskcache's own readers never see an unchecked payload.
+        # opens it with `unwrap`), and diskcache's own readers never see an unchecked payload.
         if mode == MODE_RAW:
             if not isinstance(value, bytes):
                 raise CorruptEntry(f"inline value has type {type(value).__name__}, expected bytes")
@@ -249,7 +249,7 @@ class SafeDisk(diskcache.Disk):
             raise CorruptEntry(f"value file {filename} unreadable: {exc}") from None
 
 
-class _ReadOnlyDB:
+class ReadOnlyDB:
     """The part of `diskcache.Cache` a read-only `Store` uses, over read-only sqlite connections.
 
     Opening a `diskcache.Cache` writes (its settings, its schema, the WAL index), which fails on a
@@ -285,7 +285,7 @@ class _ReadOnlyDB:
                 raise
             return con
         except sqlite3.OperationalError:
-            if os.access(self.directory, os.W_OK) and not _disk_full(self.directory):
+            if os.access(self.directory, os.W_OK) and not disk_full(self.directory):
                 raise  # not the WAL index: a real problem, reported by the caller
         return sqlite3.connect(uri + "&immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
 
@@ -317,7 +317,7 @@ class _ReadOnlyDB:
         self._local.con = None
 
 
-def _tree_size(root: Path) -> int:
+def tree_size(root: Path) -> int:
     """Sizes of all regular files under `root` (symlinks not followed); files vanishing meanwhile count 0."""
     total = 0
     for folder, _dirs, files in os.walk(root):

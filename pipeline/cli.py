@@ -144,6 +144,8 @@ def _prompt_counts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, TokenCoun
 
 def _frame_tokens(cond: Cond, counts: dict[str, TokenCount]) -> dict[str, Any]:
     """A frame's prompt tokens for ``--plan --json``: the most of its prompts, and any text cut."""
+    if not counts:
+        return {}  # no prompt may pass one window (most scenes): nothing to look up per frame
     found = [counts[k] for k in cond.embedding_keys() if k in counts]
     if not found:
         return {}

@@ -67,8 +67,9 @@ from pipeline.scene.core import Scene
 from pipeline.scene.load import load_scene, parse_scene
 from pipeline.scene.modelrules import check_against_model
 from pipeline.scene.problems import Problem, SceneError  # noqa: F401 - Problem is part of the API (_API)
-from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.store.cache import CacheDir, CacheUnavailable
 from pipeline.store.claims import live_claims
+from pipeline.store.records import FILE_DIGESTS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -352,7 +353,7 @@ class Session:
                         vae=scene.vae,
                         scene_dir=scene.base_dir,
                     )
-                    env = resolve_env(scene, device=self.device, ref=ref)
+                    env = resolve_env(scene, device=self.device, ref=ref, memo=memo)  # memo: token counts too
                 except ModelError as exc:
                     raise InputError([f"{scene.path}: {exc}"]) from None
                 misfits = check_against_model(
@@ -453,7 +454,7 @@ class Session:
         try:
             cached = readable_frames(cache, p)
             if self._memo_changes is not None:
-                cache.records.put_json(record_key("file-digests"), self._memo_changes)
+                cache.records.put_json(FILE_DIGESTS, self._memo_changes)
             remember_analysis(cache, scene)  # made before the cache existed (a first render)
             if self.device == "auto" and any(j.key not in cached for j in p):
                 # Rendering imports torch anyway: let it confirm the device guessed without it.
@@ -630,7 +631,7 @@ def _memo(cache: CacheDir | None) -> dict[str, Any]:
     """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
     if cache is None:
         return {}
-    return dict(cache.records.get_json(record_key("file-digests")) or {})
+    return dict(cache.records.get_json(FILE_DIGESTS) or {})
 
 
 def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:

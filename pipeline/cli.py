@@ -33,6 +33,7 @@ from pipeline.outputs.preview import Draft, parse_frames, parse_size
 from pipeline.paths import default_cache_dir
 from pipeline.plan.planner import Plan
 from pipeline.plan.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
+from pipeline.plan.recipe import Blend, Cond, Noise
 from pipeline.render.environment import RenderEnv
 from pipeline.render.models import RANDOM_WEIGHTS_NOTE
 from pipeline.scene.core import Scene
@@ -90,7 +91,7 @@ class _Describe:
         # lists live as long as the plan, which outlives this object).
         self._blends: dict[int, str] = {}
 
-    def blend(self, parts: list[list[Any]]) -> str:
+    def blend(self, parts: Blend) -> str:
         found = self._blends.get(id(parts))
         if found is None:
             p = self.plan
@@ -101,23 +102,26 @@ class _Describe:
             self._blends[id(parts)] = found
         return found
 
-    def cond(self, cond: dict[str, Any]) -> str:
-        if "grid" in cond:
-            return f"grid u={cond['u']:g} v={cond['v']:g}"
-        if "walk" in cond:
-            return f"{self.blend(cond['a'])} +{cond['walk']['offset']:g}"
-        if "b" in cond:
-            return f"{self.blend(cond['a'])} → {self.blend(cond['b'])} @{cond['t']:.3f}"
-        return self.blend(cond["a"])
+    def cond(self, cond: Cond) -> str:
+        kind = cond.kind
+        if kind == "grid":
+            return f"grid u={cond.u:g} v={cond.v:g}"
+        if kind == "walk":
+            return f"{self.blend(cond.a)} +{cond.walk_offset:g}"
+        if kind == "morph":
+            assert cond.b is not None
+            return f"{self.blend(cond.a)} → {self.blend(cond.b)} @{cond.t:.3f}"
+        return self.blend(cond.a)
 
 
-def _describe_noise(noise: dict[str, Any]) -> str:
-    if "circle" in noise:
-        a, b = noise["circle"]
-        return f"circle {a},{b} s={noise['s']:.3f}"
-    if "to" in noise:
-        return f"{noise['seed']}→{noise['to']} @{noise['t']:.3f}"
-    return str(noise["seed"])
+def _describe_noise(noise: Noise) -> str:
+    kind = noise.kind
+    if kind == "circle":
+        a, b = noise.circle
+        return f"circle {a},{b} s={noise.s:.3f}"
+    if kind == "travel":
+        return f"{noise.seed}→{noise.to} @{noise.t:.3f}"
+    return str(noise.seed)
 
 
 def _short(text: str, width: int = 32) -> str:
@@ -139,10 +143,11 @@ def _prompt_counts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, TokenCoun
     }
 
 
-def _frame_tokens(cond: dict[str, Any], counts: dict[str, TokenCount]) -> dict[str, Any]:
+def _frame_tokens(cond: Cond, counts: dict[str, TokenCount]) -> dict[str, Any]:
     """A frame's prompt tokens for ``--plan --json``: the most of its prompts, and any text cut."""
-    keys = list(cond.get("grid", [])) + [k for part in ("a", "b") for k, _ in cond.get(part, [])]
-    found = [counts[k] for k in keys if k in counts]
+    if not counts:
+        return {}  # no prompt may pass one window (most scenes): nothing to look up per frame
+    found = [counts[k] for k in cond.embedding_keys() if k in counts]
     if not found:
         return {}
     out: dict[str, Any] = {"tokens": max(c.tokens for c in found), "chunks": max(c.chunks for c in found)}
@@ -158,22 +163,26 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
     timeline = scene_timeline(scene)
     beats = set(timeline.ref_frames("beat")) if timeline is not None and timeline.analysis else None
     if as_json:
-        rows = [
-            {
-                "frame": j.frame,
-                "key": j.key,
-                "cached": s == "cached",
-                "status": s,
-                "prompt": describe.cond(j.recipe["cond"]),
-                **_frame_tokens(j.recipe["cond"], counts),
-                "cond": j.recipe["cond"],
-                "noise": j.recipe["noise"],
-                "scalars": j.recipe["scalars"],
-                "mode": j.recipe["mode"]["mode"],
-                **({"beat": j.frame in beats} if beats is not None else {}),
-            }
-            for j, s in zip(p, status, strict=True)
-        ]
+        rows = []
+        for j, s in zip(p, status, strict=True):
+            r = j.view
+            cond = r.cond
+            rows.append(
+                {
+                    "frame": j.frame,
+                    "key": j.key,
+                    "cached": s == "cached",
+                    "status": s,
+                    "prompt": describe.cond(cond),
+                    **_frame_tokens(cond, counts),
+                    # The recipe's own dicts, as the frame's key digests them (the LoRA scales too).
+                    "cond": cond.raw,
+                    "noise": r.noise.raw,
+                    "scalars": r.all_scalars,
+                    "mode": r.mode.name,
+                    **({"beat": j.frame in beats} if beats is not None else {}),
+                }
+            )
         # One object per line: readable, and without indent the encoder is the fast C one.
         encode = json.JSONEncoder(ensure_ascii=False).encode
         typer.echo("[\n" + ",\n".join(map(encode, rows)) + "\n]")
@@ -184,12 +193,13 @@ def _print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_jso
     header = f"{'frame':>6}  {'key':12}  {'prompt':54}  {'noise':22}  {'values':28}  status"
     typer.echo(header)
     for j, s in zip(p, status, strict=True):
-        values = " ".join(f"{k}={v:g}" for k, v in j.recipe["scalars"].items() if not isinstance(v, dict))
-        if j.recipe["mode"]["mode"] != "txt2img":
-            values = f"{j.recipe['mode']['mode']} {values}"
+        r = j.view
+        values = " ".join(f"{k}={v:g}" for k, v in r.scalars.items())
+        if r.mode.name != "txt2img":
+            values = f"{r.mode.name} {values}"
         typer.echo(
-            f"{j.frame:>6}  {j.key[:12]}  {_short(describe.cond(j.recipe['cond']), 54):54}  "
-            f"{_short(_describe_noise(j.recipe['noise']), 22):22}  {_short(values, 28):28}  {s}"
+            f"{j.frame:>6}  {j.key[:12]}  {_short(describe.cond(r.cond), 54):54}  "
+            f"{_short(_describe_noise(r.noise), 22):22}  {_short(values, 28):28}  {s}"
         )
     for key, count in counts.items():
         if count.tokens <= CHUNK_TOKENS:

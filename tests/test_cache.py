@@ -16,6 +16,7 @@ from pathlib import Path
 import diskcache
 import pytest
 
+import pipeline.store.blobs as blobs_mod
 import pipeline.store.cache as cache_mod
 from pipeline.plan.keys import canonical_json
 from pipeline.store.cache import (
@@ -129,7 +130,7 @@ def test_present_uses_both_strategies(store: Store, monkeypatch) -> None:
         for key in stored:
             store.put(key, b"v")
     # Few keys asked of a big store: chunked IN queries (chunk smaller than the question).
-    monkeypatch.setattr(cache_mod, "_PRESENT_CHUNK", 7)
+    monkeypatch.setattr(blobs_mod, "_PRESENT_CHUNK", 7)  # Store lives in store/blobs.py
     assert store.present(keys[:100]) == stored & set(keys[:100])
     # Many keys asked of a store of similar size: one index scan.
     assert store.present(keys) == stored

@@ -22,7 +22,8 @@ from typing import Any
 
 from pipeline.audio.analysis import analyse
 from pipeline.plan.keys import canonical_json
-from pipeline.store.cache import CacheDir, CacheUnavailable, record_key
+from pipeline.store.cache import CacheDir, CacheUnavailable
+from pipeline.store.records import audio_analysis_key
 
 __all__ = ["analysis_cache", "analysis_key", "cached_analysis", "remember_scene_analysis"]
 
@@ -41,7 +42,7 @@ def analysis_cache(cache_dir: Path | None) -> Iterator[None]:
 
 def analysis_key(sha256: str, config: dict[str, Any]) -> str:
     """The record key of an analysis: the file's content hash and the canonical JSON of its settings."""
-    return record_key("audio-analysis", sha256, json.dumps(config, sort_keys=True, separators=(",", ":")))
+    return audio_analysis_key(sha256, config)
 
 
 def _looks_right(found: Any) -> bool:

@@ -32,7 +32,8 @@ from pipeline.outputs.writers import partials_folder, write_output
 from pipeline.plan.keys import key_of
 from pipeline.plan.planner import Plan
 from pipeline.scene.core import Scene
-from pipeline.store.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir
+from pipeline.store.records import output_key
 
 __all__ = [
     "ASSEMBLE_VERSION",
@@ -124,7 +125,7 @@ def assemble(
                 "settings": settings,
             }
         )
-        rec_key = record_key("output", str(target.path))
+        rec_key = output_key(target.path)
         record = cache.records.get_json(rec_key)
         if record and record.get("key") == out_key and _stamp(target.path) == record.get("stamp"):
             status[str(target.path)] = "up to date"

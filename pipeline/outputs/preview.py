@@ -118,7 +118,7 @@ def needed_jobs(plan: Plan, frames: Sequence[int]) -> list[FrameJob]:
         job: FrameJob | None = plan[frame]
         while job is not None and job.key not in wanted:
             wanted[job.key] = job
-            prev = job.recipe["mode"].get("prev")
+            prev = job.view.mode.prev
             job = by_key.get(prev) if prev is not None else None
     return sorted(wanted.values(), key=lambda j: j.frame)
 

@@ -34,7 +34,8 @@ import yaml
 
 from pipeline.outputs import sequences
 from pipeline.outputs.files import atomic_output
-from pipeline.plan.planner import Plan
+from pipeline.plan.planner import FrameJob, Plan
+from pipeline.plan.recipe import Blend
 from pipeline.scene.core import Scene
 from pipeline.scene.rules import output_kind
 from pipeline.scene.schema import SCALARS
@@ -84,7 +85,7 @@ def record_names(scene: Scene) -> dict[str, str]:
 # Per-frame rows
 
 
-def _mix(plan: Plan, parts: list[list[Any]]) -> list[dict[str, Any]]:
+def _mix(plan: Plan, parts: Blend) -> list[dict[str, Any]]:
     return [{"text": plan.text(key), "weight": weight} for key, weight in parts]
 
 
@@ -95,7 +96,7 @@ def describe_mix(mix: list[dict[str, Any]]) -> str:
     return " + ".join(f"{p['text']}×{p['weight']:g}" for p in mix)
 
 
-def frame_row(plan: Plan, job: Any) -> dict[str, Any]:
+def frame_row(plan: Plan, job: FrameJob) -> dict[str, Any]:
     """One frame's parameters, as plain JSON: what its recipe says, with prompts as text.
 
     ``prompt`` is ``{"a": mix}``, ``{"a", "b", "t", "method"}`` between two keyframes,
@@ -103,36 +104,33 @@ def frame_row(plan: Plan, job: Any) -> dict[str, Any]:
     ``[{"text", "weight"}]``. ``noise`` is the recipe's (``seed``; ``seed``, ``to``, ``t`` for seed
     travel; ``circle``, ``s``). ``scalars`` are the values the frame's mode uses.
     """
-    recipe = job.recipe
-    cond = recipe["cond"]
+    r = job.view
+    cond = r.cond
+    kind = cond.kind
     prompt: dict[str, Any]
-    if "grid" in cond:
-        prompt = {"grid": [plan.text(k) for k in cond["grid"]], "u": cond["u"], "v": cond["v"]}
-    elif "walk" in cond:
-        prompt = {"a": _mix(plan, cond["a"]), "walk_offset": cond["walk"]["offset"]}
-    elif "b" in cond:
-        prompt = {
-            "a": _mix(plan, cond["a"]),
-            "b": _mix(plan, cond["b"]),
-            "t": cond["t"],
-            "method": cond["method"],
-        }
+    if kind == "grid":
+        prompt = {"grid": [plan.text(k) for k in cond.corners], "u": cond.u, "v": cond.v}
+    elif kind == "walk":
+        prompt = {"a": _mix(plan, cond.a), "walk_offset": cond.walk_offset}
+    elif kind == "morph":
+        assert cond.b is not None
+        prompt = {"a": _mix(plan, cond.a), "b": _mix(plan, cond.b), "t": cond.t, "method": cond.method}
     else:
-        prompt = {"a": _mix(plan, cond["a"])}
+        prompt = {"a": _mix(plan, cond.a)}
     row: dict[str, Any] = {
         "frame": job.frame,
         "key": job.key,
-        "mode": recipe["mode"]["mode"],
+        "mode": r.mode.name,
         "prompt": prompt,
-        "noise": dict(recipe["noise"]),
-        "scalars": dict(recipe["scalars"]),
+        "noise": dict(r.noise.raw),
+        "scalars": dict(r.all_scalars),
     }
-    neg = recipe.get("neg")
+    neg = r.neg
     if neg is not None:  # absent where guidance <= 1: the negative prompt cannot count there
         row["negative_prompt"] = (
-            {"a": _mix(plan, neg["a"])}
-            if "b" not in neg
-            else {"a": _mix(plan, neg["a"]), "b": _mix(plan, neg["b"]), "t": neg["t"]}
+            {"a": _mix(plan, neg.a), "b": _mix(plan, neg.b), "t": neg.t}
+            if neg.b is not None
+            else {"a": _mix(plan, neg.a)}
         )
     return row
 

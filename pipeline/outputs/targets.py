@@ -26,7 +26,8 @@ from pipeline.scene.core import Scene
 from pipeline.scene.problems import SceneError
 from pipeline.scene.rules import output_kind
 from pipeline.scene.schema import Output
-from pipeline.store.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir
+from pipeline.store.records import outputs_of_key
 
 __all__ = ["PAGE", "PAGE_DIR", "Target", "Targets", "check_outputs", "left_behind", "output_settings"]
 
@@ -180,7 +181,7 @@ def left_behind(scene: Scene, targets: Targets, cache: CacheDir) -> list[str]:
         # The outputs the scene would have without its list (effective_outputs keeps that rule in one place).
         unlisted = scene.model_copy(update={"outputs": None})
         defaults = [(targets.out_dir / out.path).resolve() for out in unlisted.effective_outputs()]
-    rec_key = record_key("outputs of", str(scene.path.resolve()), str(targets.out_dir))
+    rec_key = outputs_of_key(scene.path, targets.out_dir)
     record = cache.records.get_json(rec_key)
     earlier = [Path(p) for p in record.get("paths", [])] if isinstance(record, dict) else []
     notes, kept = [], []

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.plan.planner import Plan
-from pipeline.store.cache import Store, record_key
+from pipeline.plan.recipe import Recipe
+from pipeline.store.cache import Store
+from pipeline.store.records import plan_key
 
-# How a recipe field is named to a user.
-_FRAME_FIELDS = {"cond": "prompt", "neg": "negative prompt", "noise": "noise", "mode": "mode or its inputs"}
 _BASE_FIELDS = {
     "model": "model weights",
     "pipeline": "pipeline",
@@ -41,23 +41,17 @@ _BASE_FIELDS = {
 }
 
 
-def plan_record_key(scene_path: Path) -> str:
-    return record_key("plan", str(Path(scene_path).resolve()))
-
-
 def save_plan(records: Store, scene_path: Path, plan: Plan) -> None:
     """Remember this plan as the scene's latest (called when a render starts)."""
     data = {"base": plan.base, "keys": [j.key for j in plan], "recipes": [j.recipe for j in plan]}
-    records.put(
-        plan_record_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
-    )
+    records.put(plan_key(scene_path), zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6))
 
 
 def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:
     """The scene's last recorded plan, or None (never rendered, unreadable, or no cache yet)."""
     if records is None:
         return None
-    blob = records.get(plan_record_key(scene_path))
+    blob = records.get(plan_key(scene_path))
     if blob is None:
         return None
     try:
@@ -66,20 +60,30 @@ def load_plan(records: Store | None, scene_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _changed_fields(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+def _changed_fields(new: Recipe, old: Recipe) -> list[str]:
     names: list[str] = []
-    for field, label in _FRAME_FIELDS.items():
-        a, b = new.get(field), old.get(field)
-        if field == "mode" and isinstance(a, dict) and isinstance(b, dict):
-            if {k: v for k, v in a.items() if k != "prev"} != {k: v for k, v in b.items() if k != "prev"}:
-                names.append(label)
-            elif a.get("prev") != b.get("prev"):
-                names.append("previous frame")
-        elif a != b:
-            names.append(label)
-    new_s, old_s = new.get("scalars", {}), old.get("scalars", {})
+    if new.cond != old.cond:
+        names.append("prompt")
+    if new.neg != old.neg:
+        names.append("negative prompt")
+    if new.noise != old.noise:
+        names.append("noise")
+    if new.mode.inputs() != old.mode.inputs():
+        names.append("mode or its inputs")
+    elif new.mode.prev != old.mode.prev:
+        names.append("previous frame")
+    # The scalars, and the LoRA scales as one ("lora"), sorted by name.
+    new_s, old_s = new.all_scalars, old.all_scalars
     names += [name for name in sorted(set(new_s) | set(old_s)) if new_s.get(name) != old_s.get(name)]
     return names
+
+
+def _changes(new: Recipe, old: Any) -> list[str]:
+    """What changed from ``old`` (a recipe read back from the cache's record) to ``new``."""
+    try:
+        return _changed_fields(new, Recipe(old))
+    except (KeyError, TypeError, AttributeError):  # a record from another version, or damaged
+        return []
 
 
 def frame_status(
@@ -117,6 +121,6 @@ def frame_status(
         elif old_keys[job.frame] == job.key:
             out.append("not rendered yet")
         else:
-            changes = base_changes + _changed_fields(job.recipe, old_recipes[job.frame])
+            changes = base_changes + _changes(job.view, old_recipes[job.frame])
             out.append("changed: " + (", ".join(changes) if changes else "settings"))
     return out

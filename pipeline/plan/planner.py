@@ -5,16 +5,11 @@ Pure and fast: no torch, no model, no disk (the facts from outside the scene arr
 
     jobs = plan(scene, env)
     jobs[10].key, jobs[10].recipe["cond"]     # {"a": [[emb_key, 1.0]], "b": [[emb_key, 1.0]], "t": 0.17}
+    jobs[10].view.cond.t                      # 0.17: the same recipe, typed (pipeline.plan.recipe)
 
-How values change over time. Each keyframed value (prompt, negative prompt, seed, each scalar,
-each LoRA scale, mode and its inputs) has its own track made of the keyframes that set it; the
-scene's top-level value is that track's value at frame 0 unless a keyframe at frame 0 sets it. A
-value the scene never writes at the top level has no value at frame 0 (its built-in default counts
-only when no keyframe sets it). Between two keyframes of a track, the value is eased with the curve
-of the later keyframe (or the scene's ``curve``); ``hold: true`` on the earlier one keeps its values
-until the later one. Before a track's first keyframe its first value holds; after the last, the
-last. Modes and input images never blend: they hold from the keyframe that sets them, and the
-top-level value (txt2img, no image) holds before it. A blend of a value with itself is that value.
+How values change over time is the tracks' business (:mod:`pipeline.plan.tracks`); the key of each
+prompt's embedding is made in :mod:`pipeline.plan.embeddings`; typed views of a recipe, what the
+rest of the code reads, are in :mod:`pipeline.plan.recipe` (``job.view``).
 
 A frame's key is ``key_of`` the base recipe's key plus the frame's own recipe, which names only what
 decides its pixels: prompt embeddings by their keys with their weights and the eased ``t``, the
@@ -26,33 +21,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any
 
-from pipeline.audio.timeline import AudioCurve, curve_parser
 from pipeline.gcpause import gc_paused
 from pipeline.modes import MODES, mode_recipe
-from pipeline.plan.curves import parse_curve
+from pipeline.plan.embeddings import Embeddings
 from pipeline.plan.keys import KeyTemplate, Slot, key_of, round_float
-from pipeline.plan.prompts import (
-    PARSER_VERSION,
-    WEIGHTED_FAMILIES,
-    load_tokenizer,
-    may_be_long,
-    may_need_parser,
-)
-from pipeline.render.environment import RenderEnv
-from pipeline.render.models import T5_COMPONENTS, TEXT_COMPONENTS
+from pipeline.plan.recipe import Recipe
+from pipeline.plan.tracks import Track, build_tracks
+from pipeline.render.environment import RenderEnv, resolve_env
 from pipeline.scene.core import Scene
 from pipeline.scene.schema import HELD, SCALARS, PromptPart
+from pipeline.schedulers import SCHEDULERS  # plain data, no torch
 
 # Bump when a change to the renderer changes pixels for the same recipe: every frame re-renders.
 RENDERER_VERSION = 1
-EMBEDDING_VERSION = 1
-# The libraries whose code makes an embedding's bytes: torch (the numerics), transformers (the text
-# encoders), tokenizers (the token ids) and diffusers (its ``encode_prompt`` picks the layer, pads,
-# truncates and loads textual inversions). An upgrade of any of them must not reuse old embeddings.
-EMBEDDING_LIBRARIES: tuple[str, ...] = ("diffusers", "tokenizers", "torch", "transformers")
 
 
 @dataclass(slots=True)
@@ -62,6 +45,12 @@ class FrameJob:
     frame: int
     key: str
     recipe: dict[str, Any]
+
+    @property
+    def view(self) -> Recipe:
+        """The recipe, typed (:class:`~pipeline.plan.recipe.Recipe`); made on each access, it costs one
+        small object and copies nothing."""
+        return Recipe(self.recipe)
 
     def batch_group(self, steps: int, family: str) -> str:
         """Frames of one group go through one pipeline call together, each keeping its own pixels.
@@ -73,14 +62,14 @@ class FrameJob:
         starts from pure noise then). Prompts, negative prompts, noise, guidance and feedback motion
         are per frame.
         """
-        r = self.recipe
-        scalars = r["scalars"]
-        mode = {k: v for k, v in r["mode"].items() if k != "prev"}
+        r = self.view
+        mode = r.mode.inputs()
         # A feedback chain that starts with nothing to feed back renders as txt2img: its own group.
-        mode["starts_chain"] = r["mode"].get("prev") is None
-        group: dict[str, Any] = {"mode": mode, "cfg": "neg" in r, "lora": scalars.get("lora")}
-        if "strength" in scalars:
-            strength = float(scalars["strength"])
+        mode["starts_chain"] = r.mode.prev is None
+        group: dict[str, Any] = {"mode": mode, "cfg": r.neg is not None, "lora": dict(r.lora) or None}
+        strength = r.scalars.get("strength")
+        if strength is not None:
+            strength = float(strength)
             group["denoised"] = denoised_steps(steps, strength, family)
             group["full"] = strength == 1.0
         return key_of(group)
@@ -124,144 +113,8 @@ class Plan(Sequence[FrameJob]):
         return str(self.embeddings[emb_key]["text"])
 
 
-class _Track:
-    """One keyframed value: frames ascending, values, the curve into each, and holds."""
-
-    __slots__ = ("curves", "frames", "holds", "values")
-
-    def __init__(self) -> None:
-        self.frames: list[int] = []
-        self.values: list[Any] = []
-        self.curves: list[Callable[[float], float]] = []
-        self.holds: list[bool] = []
-
-    def add(self, frame: int, value: Any, curve: Callable[[float], float], hold: bool) -> None:
-        self.frames.append(frame)
-        self.values.append(value)
-        self.curves.append(curve)
-        self.holds.append(hold)
-
-    @property
-    def schedule(self) -> tuple[Any, ...]:
-        """What decides :meth:`column`: tracks keyed at the same frames, with the same curves, share it."""
-        return (tuple(self.frames), tuple(self.curves), tuple(self.holds))
-
-    def column(self, total: int) -> tuple[list[tuple[int, int]], list[float]]:
-        """For every frame: the indices (a, b) of the values it lies between, and the eased t.
-
-        ``a == b`` (with t 0.0) where the frame takes one value whole: before the first keyframe,
-        on a keyframe, after the last, through a hold, and where t rounds to 0 or 1 (so a frame
-        whose eased t equals a keyframe's at key precision depends on that keyframe alone).
-        Built a segment at a time, not a frame at a time: this runs for 100,000-frame scenes.
-        """
-        frames, last = self.frames, len(self.frames) - 1
-        if last == 0:
-            return [(0, 0)] * total, [0.0] * total  # one value: most tracks (a scalar never keyframed)
-        pairs = [(0, 0)] * min(frames[0], total)
-        ts = [0.0] * len(pairs)
-        for i, start in enumerate(frames):
-            if start >= total:
-                break
-            end = min(frames[i + 1] if i < last else total, total)
-            here = (i, i)
-            if end - start == 1:  # the next keyframe is the next frame (a scene keyed at every frame)
-                pairs.append(here)
-                ts.append(0.0)
-                continue
-            if i == last or self.holds[i]:
-                pairs += [here] * (end - start)
-                ts += [0.0] * (end - start)
-                continue
-            curve, span = self.curves[i + 1], frames[i + 1] - start
-            if isinstance(curve, AudioCurve):  # curve: audio depends on the span, not on u alone
-                curve = curve.between(start, frames[i + 1])
-            there, between = (i + 1, i + 1), (i, i + 1)
-            eased = [round_float(curve((n - start) / span)) for n in range(start + 1, end)]
-            pairs.append(here)
-            pairs += [here if t == 0.0 else there if t == 1.0 else between for t in eased]
-            ts.append(0.0)
-            ts += [0.0 if t == 1.0 else t for t in eased]
-        return pairs, ts
-
-
-def _tracks(scene: Scene) -> dict[str, _Track]:
-    """Build every track from the keyframes and the scene's top-level values."""
-    parse = curve_parser(scene, parse_curve)  # parse_curve, and `audio` from the scene's soundtrack
-    default_curve = parse(scene.curve)
-    frames, keyframes = scene.keyframe_frames, scene.keyframes
-    at_0 = bool(frames) and frames[0] == 0  # keyframes are in order: only the first can be at 0
-    hold_at_0 = at_0 and keyframes[0].hold
-    # Per keyframe once, not per track, and every field read in one call per keyframe (a scene
-    # exported with a keyframe at every frame has 100,000 of them).
-    curves = [parse(kf.curve) if kf.curve else default_curve for kf in keyframes]
-    holds = [kf.hold for kf in keyframes]
-    fields = ("prompt", "negative_prompt", "seed", "lora", *SCALARS, *HELD)
-    by_field: dict[str, Sequence[Any]] = (
-        dict(zip(fields, zip(*map(attrgetter(*fields), keyframes), strict=True), strict=True))
-        if keyframes
-        else {}
-    )
-    tracks: dict[str, _Track] = {}
-
-    def track(
-        name: str,
-        top: Any,
-        column: Sequence[Any],
-        *,
-        has_top: bool = True,
-        written: bool = True,
-        held: bool = False,
-    ) -> None:
-        """``column``: the value each keyframe sets (None where it sets none). ``written``: whether the
-        scene sets ``top`` itself; a built-in default only counts where no keyframe sets the value."""
-        t = _Track()
-        found = [(i, v) for i, v in enumerate(column) if v is not None]
-        # A top-level value is the value at frame 0. A value never written at the top level has no
-        # value at frame 0: its first keyframe's value holds before it (as in Deforum and Parseq),
-        # rather than a ramp from the built-in default into it.
-        if has_top and (written or not found) and not (at_0 and column[0] is not None):
-            t.add(0, top, default_curve, held or hold_at_0)
-        t.frames += [frames[i] for i, _ in found]
-        t.values += [v for _, v in found]
-        t.curves += [curves[i] for i, _ in found]
-        t.holds += [True] * len(found) if held else [holds[i] for i, _ in found]
-        tracks[name] = t
-
-    def field(name: str) -> Sequence[Any]:
-        return by_field.get(name, ())  # no keyframes (a walk or a grid): every column is empty
-
-    written = scene.model_fields_set
-    track("prompt", None, field("prompt"), has_top=False)
-    track(
-        "negative_prompt",
-        scene.negative_prompt,
-        field("negative_prompt"),
-        written="negative_prompt" in written,
-    )
-    seed_written = "seed" in written or scene.noise.seed is not None
-    track(
-        "seed",
-        scene.noise.seed if scene.noise.seed is not None else scene.seed,
-        field("seed"),
-        written=seed_written,
-    )
-    for name in SCALARS:
-        track(name, getattr(scene, name), field(name), written=name in written)
-    for lora in scene.loras:
-        name = scene.lora_name(lora)
-        scales = [(scales or {}).get(name) for scales in field("lora")]
-        track(f"lora:{name}", lora.scale, scales, written="scale" in lora.model_fields_set)
-    # Modes and input images never blend: the top-level value (txt2img, no image) holds until the
-    # keyframe that sets another, written or not.
-    for name in HELD:
-        track(name, getattr(scene, name), field(name), held=True)
-    return tracks
-
-
 def _base(scene: Scene, env: RenderEnv) -> dict[str, Any]:
     """What every frame of the scene shares (model, sampler, size, learned weights...)."""
-    from pipeline.schedulers import SCHEDULERS  # plain data, no torch
-
     # The scheduler as it will be built (class and config), not as it is spelled: `scheduler: pndm`
     # on a model whose own scheduler already is that PNDM is the same sampler, and the same frames.
     config = {k: v for k, v in env.scheduler_config.items() if not k.startswith("_")}
@@ -288,65 +141,6 @@ def _base(scene: Scene, env: RenderEnv) -> dict[str, Any]:
     }
 
 
-class _Embeddings:
-    """Makes (and remembers) the key of each prompt text's embedding."""
-
-    def __init__(self, scene: Scene, env: RenderEnv):
-        components = TEXT_COMPONENTS.get(env.family, TEXT_COMPONENTS["sd"])
-        if env.family == "sd3" and scene.t5:
-            components = components + T5_COMPONENTS
-        self.common = {
-            "kind": "embedding",
-            "v": EMBEDDING_VERSION,
-            "family": env.family,
-            "encoders": {c: env.fingerprint.get(c, "") for c in components},
-            "clip_skip": scene.clip_skip,
-            "t5": bool(scene.t5 and env.family == "sd3"),
-            "learned": [[e.token or "", env.files[e.path]] for e in scene.embeddings],
-            "device": env.device,
-            "dtype": env.dtype,
-            "libraries": {k: v for k, v in env.libraries.items() if k in EMBEDDING_LIBRARIES},
-        }
-        # SD 1.x/2.x and SDXL texts that may encode otherwise than diffusers' plain encode_prompt (weighting
-        # syntax, or longer than one CLIP window) name the prompt format and parser in their key; the
-        # keys of the other texts stay as they were before weighting and long prompts existed.
-        self.prompts = (
-            {"format": scene.prompt_format, "long": scene.long_prompts, "parser": PARSER_VERSION}
-            if env.family in WEIGHTED_FAMILIES
-            else None
-        )
-        self.learned = [e.token or "" for e in scene.embeddings]
-        self._tokenizer_folder = env.tokenizer
-        self.by_text: dict[str, str] = {}
-        self.table: dict[str, dict[str, Any]] = {}
-        self.blends: dict[tuple[tuple[str, float], ...], list[list[Any]]] = {}
-
-    def key(self, text: str) -> str:
-        found = self.by_text.get(text)
-        if found is None:
-            recipe = {**self.common, "text": text}
-            if self.prompts and self._may_need_parser(text):
-                recipe["prompts"] = self.prompts
-            found = key_of(recipe)
-            self.by_text[text] = found
-            self.table[found] = recipe
-        return found
-
-    def _may_need_parser(self, text: str) -> bool:
-        # The tokenizer is read only for a text that may be long (most scenes never read it).
-        tokenizer = load_tokenizer(self._tokenizer_folder) if may_be_long(text) else None
-        return may_need_parser(text, str(self.prompts["format"]), self.learned, tokenizer)  # type: ignore[index]
-
-    def blend(self, parts: list[PromptPart]) -> list[list[Any]]:
-        """A prompt as [[embedding key, weight], ...]; equal prompts give the same (shared) list."""
-        sig = tuple((p.text, p.weight) for p in parts)
-        found = self.blends.get(sig)
-        if found is None:
-            total = sum(p.weight for p in parts)
-            found = self.blends[sig] = [[self.key(p.text), round_float(p.weight / total)] for p in parts]
-        return found
-
-
 class _Frames:
     """Every frame's recipe, made from columns: the planner's inner loop, kept cheap.
 
@@ -360,9 +154,9 @@ class _Frames:
     one function decides both a frame's recipe and its key.
     """
 
-    def __init__(self, scene: Scene, env: RenderEnv, emb: _Embeddings) -> None:
+    def __init__(self, scene: Scene, env: RenderEnv, emb: Embeddings) -> None:
         self.total = total = scene.total_frames
-        tracks = _tracks(scene)
+        tracks = build_tracks(scene)
         self.states: list[list[Any]] = []
         self.values: list[list[Any]] = []
         self._schedules: dict[tuple[Any, ...], tuple[list[tuple[int, int]], list[float]]] = {}
@@ -446,7 +240,7 @@ class _Frames:
         self.values.append(column)
         return len(self.values) - 1
 
-    def _schedule(self, track: _Track) -> tuple[list[tuple[int, int]], list[float]]:
+    def _schedule(self, track: Track) -> tuple[list[tuple[int, int]], list[float]]:
         """The track's (a, b) and t columns; tracks keyed alike (prompt, seed, guidance...) share one."""
         schedule = track.schedule  # three tuples as long as the track: build them once
         found = self._schedules.get(schedule)
@@ -454,7 +248,7 @@ class _Frames:
             found = self._schedules[schedule] = track.column(self.total)
         return found
 
-    def _scalar_column(self, track: _Track) -> list[float]:
+    def _scalar_column(self, track: Track) -> list[float]:
         values = track.values
         rounded = [round_float(float(v)) for v in values]
         if len(values) == 1:
@@ -465,7 +259,7 @@ class _Frames:
             for (a, b), t in zip(pairs, ts, strict=True)
         ]
 
-    def _blend(self, track: _Track, made: list[Any], method: str) -> Callable[[Any, Any], dict[str, Any]]:
+    def _blend(self, track: Track, made: list[Any], method: str) -> Callable[[Any, Any], dict[str, Any]]:
         """Conditioning from a prompt track; ``made[i]`` is keyframe i's prompt as [[embedding key, weight], ...]."""
         pairs, ts = self._schedule(track)
         # Keyframes with equal blends (the same embeddings with the same normalised weights) share an
@@ -486,7 +280,7 @@ class _Frames:
 
         return cond
 
-    def _noise_of(self, scene: Scene, tracks: dict[str, _Track]) -> Callable[[Any, Any], dict[str, Any]]:
+    def _noise_of(self, scene: Scene, tracks: dict[str, Track]) -> Callable[[Any, Any], dict[str, Any]]:
         """The noise recipe for the scene's noise kind (the kind is chosen once, not per frame)."""
         noise, total = scene.noise, self.total
         base_seed = noise.seed if noise.seed is not None else scene.seed
@@ -519,7 +313,7 @@ class _Frames:
         return travel
 
     def _held_mode(
-        self, combo: tuple[int, ...], tracks: dict[str, _Track], files: dict[str, str]
+        self, combo: tuple[int, ...], tracks: dict[str, Track], files: dict[str, str]
     ) -> tuple[int, ...]:
         """Remember the mode and mode recipe of one combination of held values (indices into their tracks)."""
         if combo not in self._held:
@@ -571,8 +365,6 @@ def plan(scene: Scene, env: RenderEnv | None = None) -> Plan:
     files and the scene's inputs, but never imports torch), as ``render.py`` does.
     """
     if env is None:
-        from pipeline.render.environment import resolve_env
-
         env = resolve_env(scene)
     # Planning allocates about ten objects per frame, none in a cycle.
     with gc_paused():
@@ -582,7 +374,7 @@ def plan(scene: Scene, env: RenderEnv | None = None) -> Plan:
 def _plan(scene: Scene, env: RenderEnv) -> Plan:
     base = _base(scene, env)
     base_key = key_of(base)
-    emb = _Embeddings(scene, env)
+    emb = Embeddings(scene, env)
     frames = _Frames(scene, env, emb)
     slots = frames.slots()
     # State -> the key template of its frames, or None for a state seen once so far: a template pays

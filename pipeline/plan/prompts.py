@@ -16,7 +16,9 @@ embedding's key, and the renderer (``pipeline.render.renderer``) encodes the chu
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +101,16 @@ def has_syntax(text: str) -> bool:
     return bool(_SYNTAX.search(text))
 
 
-def may_need_parser(text: str, prompt_format: str, learned: list[str], tokenizer: Any = None) -> bool:
+def may_need_parser(
+    text: str, prompt_format: str, learned: list[str], tokenizer: Any = None, tokens: int | None = None
+) -> bool:
     """Whether ``text`` may encode differently from diffusers' plain ``encode_prompt``.
 
-    It may when it has weighting syntax (and weighting is on) or is longer than one chunk: counted
-    with ``tokenizer`` when there is one, else when it has more than 75 non-space characters (a BPE
-    token spans at least one), and whenever a learned embedding's token (several vectors, several
-    tokens) is in it. Keys of the other texts stay as they were before long prompts and weighting.
+    It may when it has weighting syntax (and weighting is on) or is longer than one chunk: ``tokens``
+    long when its count is known (:func:`token_counts`), else counted with ``tokenizer`` when there is
+    one, else when it has more than 75 non-space characters (a BPE token spans at least one), and
+    whenever a learned embedding's token (several vectors, several tokens) is in it. Keys of the other
+    texts stay as they were before long prompts and weighting.
     """
     if prompt_format == "weighted" and has_syntax(text):
         return True
@@ -113,6 +118,8 @@ def may_need_parser(text: str, prompt_format: str, learned: list[str], tokenizer
         return True
     if not may_be_long(text):
         return False
+    if tokens is not None:
+        return tokens > CHUNK_TOKENS
     return tokenizer is None or len(tokenizer(text).input_ids) > CHUNK_TOKENS
 
 
@@ -271,3 +278,52 @@ def load_tokenizer(folder: str | None) -> ClipTokenizer | None:
         except Exception:  # missing or unreadable files: the render will say so; --plan counts nothing
             _TOKENIZERS[folder] = None
     return _TOKENIZERS[folder]
+
+
+def scene_texts(scene: Any) -> list[str]:
+    """Every prompt text a scene's frames are encoded from, each once: the keyframes' prompts (each
+    text of a blend) and negative prompts, the scene's negative prompt, a walk's or a grid's prompts."""
+    texts: list[str] = [scene.negative_prompt]
+    for kf in scene.keyframes:
+        texts += [part.text for part in kf.prompt or ()]
+        if kf.negative_prompt is not None:
+            texts.append(kf.negative_prompt)
+    if scene.walk is not None:
+        texts.append(scene.walk.prompt)
+    if scene.grid is not None:
+        texts += scene.grid.prompts
+    return list(dict.fromkeys(texts))
+
+
+def _count_entry(tokenizer_fingerprint: str, text: str) -> str:
+    # Apart from the file-hash entries (stamps) of the same memo; the text by its digest (texts are long).
+    return "tokens " + hashlib.sha256(f"{tokenizer_fingerprint}\0{text}".encode()).hexdigest()
+
+
+def token_counts(
+    folder: str | None, fingerprint: str | None, texts: Iterable[str], memo: MutableMapping[str, Any]
+) -> dict[str, int]:
+    """The token count of each of ``texts`` that may pass one window (text -> count), with the tokenizer
+    in ``folder`` whose files' hash is ``fingerprint``: from ``memo`` where it has them, else counted
+    (reading the tokenizer only then, about 0.05 s) and remembered in ``memo``.
+
+    The memo is the one the file hashes are kept in (``pipeline.store.records.FILE_DIGESTS``), so a
+    no-op re-run of a scene with long prompts never reads the tokenizer. Empty without a tokenizer.
+    """
+    out: dict[str, int] = {}
+    if folder is None or not fingerprint:
+        return out
+    tokenizer = None
+    for text in texts:
+        if not may_be_long(text):
+            continue  # a text of 75 non-space characters or fewer fits: no count needed
+        entry = _count_entry(fingerprint, text)
+        count = memo.get(entry)
+        if type(count) is not int:
+            if tokenizer is None:
+                tokenizer = load_tokenizer(folder)
+                if tokenizer is None:
+                    return out  # unreadable: the planner cannot count either
+            count = memo[entry] = len(tokenizer(text).input_ids)
+        out[text] = count
+    return out

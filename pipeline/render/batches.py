@@ -154,7 +154,7 @@ class _ReadyQueue:
         self.groups: dict[str, deque[Any]] = {}
         self.waiting: dict[str, list[Any]] = {}
         for job in jobs:
-            prev = job.recipe["mode"].get("prev")
+            prev = job.view.mode.prev
             if prev in self.remaining:
                 self.waiting.setdefault(prev, []).append(job)
             else:

@@ -85,7 +85,7 @@ def denoise_calls(
     where each scale has its call."""
     calls: dict[tuple[str, float | None], list[int]] = {}
     for i, job in enumerate(jobs):
-        guidance = float(job.recipe["scalars"]["guidance"]) if embedded else None
+        guidance = job.view.guidance if embedded else None
         calls.setdefault((job.batch_group(steps, family), guidance), []).append(i)
     return calls
 

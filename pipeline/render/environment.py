@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.modes import IMAGE_FIELDS
+from pipeline.plan.prompts import WEIGHTED_FAMILIES, scene_texts, token_counts
 from pipeline.render.modelfiles import InputChanged, ModelRef, memo_digest
 from pipeline.render.models import resolve_model
 from pipeline.scene.core import Scene
@@ -45,6 +46,10 @@ class RenderEnv:
     # The model's first CLIP tokenizer folder when it is on disk: the planner counts prompt tokens with
     # it (``pipeline.plan.prompts``); its files are in the fingerprint ("tokenizer"), so not a key itself.
     tokenizer: str | None = None
+    # Prompt text -> its token count with that tokenizer, for the scene's texts that may pass one window,
+    # as far as known (``pipeline.plan.prompts.token_counts``, remembered in the cache's file-hash memo):
+    # the planner reads the tokenizer only for the others. Facts about the texts, not a key.
+    token_counts: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 def input_files(scene: Scene) -> list[str]:
@@ -66,7 +71,11 @@ def resolve_env(
     memo: MutableMapping[str, Any] | None = None,
     ref: ModelRef | None = None,
 ) -> RenderEnv:
-    """Read what the plan needs from disk: model fingerprint, input hashes, versions, device."""
+    """Read what the plan needs from disk: model fingerprint, input hashes, versions, device.
+
+    ``memo`` (the cache's file-hash memo, updated in place) spares re-hashing unchanged model files
+    and re-counting the tokens of the scene's long prompts (the planner would read the tokenizer).
+    """
     ref = ref or resolve_model(
         model or scene.model,
         scene.base_dir,
@@ -78,6 +87,14 @@ def resolve_env(
     dev = detect_device() if device == "auto" else device
     # Input files are small: hash their content every time, so an edit that restores the mtime still counts.
     files = {rel: memo_digest(scene.resolve(rel), None) for rel in input_files(scene)}
+    tokenizer = (
+        str(ref.folder / "tokenizer")
+        if ref.folder is not None and (ref.folder / "tokenizer").is_dir()
+        else None
+    )
+    counts: dict[str, int] = {}
+    if memo is not None and ref.family in WEIGHTED_FAMILIES:
+        counts = token_counts(tokenizer, ref.fingerprint.get("tokenizer"), scene_texts(scene), memo)
     return RenderEnv(
         model=ref.spec,
         pipeline_class=ref.pipeline_class,
@@ -89,9 +106,8 @@ def resolve_env(
         libraries=library_versions(),
         files=files,
         model_kind=ref.kind,
-        tokenizer=str(ref.folder / "tokenizer")
-        if ref.folder is not None and (ref.folder / "tokenizer").is_dir()
-        else None,
+        tokenizer=tokenizer,
+        token_counts=counts,
     )
 
 

@@ -263,16 +263,14 @@ class FarmRenderer:
     def submit(self, jobs: list[FrameJob]) -> Future[list[bytes]]:
         """Send a batch to the next free worker; the future holds its verified PNG bytes in order.
         Embeddings and previous frames are read here, in the driver's thread, from its cache."""
-        from pipeline.render.renderer import _frame_embedding_keys
-
-        keys = list(dict.fromkeys(k for job in jobs for k in _frame_embedding_keys(job)))
+        keys = list(dict.fromkeys(k for job in jobs for k in job.view.embedding_keys()))
         present = self.cache.embeddings.present(keys)
         if missing := [k for k in keys if k not in present]:
             self._encode(missing)
         embeddings = {k: self.cache.embeddings.get(k) for k in keys}
         previous = {}
         for job in jobs:
-            prev = job.recipe["mode"].get("prev")
+            prev = job.view.mode.prev
             if prev is not None and (blob := self.cache.frames.get(prev)) is not None:
                 previous[prev] = blob
         future: Future[list[bytes]] = Future()

@@ -4,8 +4,8 @@ Torch, but no model. Everything follows the seed documents: slerp in float32 ove
 flattened tensor with a lerp fallback when the two are nearly parallel; noise made on the CPU from
 a generator seeded per frame, so a frame's starting latent never depends on its batch::
 
-    cond = conditioning(recipe["cond"], embeddings)       # {"prompt_embeds": ..., "pooled_prompt_embeds": ...}
-    latent = noise_for(recipe["noise"], (4, 8, 8))
+    cond = conditioning(job.view.cond, embeddings)        # {"prompt_embeds": ..., "pooled_prompt_embeds": ...}
+    latent = noise_for(job.view.noise, (4, 8, 8))
 
 An embedding entry is a dict of tensors (``prompt_embeds`` and, for SDXL/SD3, ``pooled_prompt_embeds``);
 every tensor in it is interpolated the same way, so sequence AND pooled embeddings travel together.
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.plan.keys import round_float
+from pipeline.plan.recipe import Cond, Noise
 
 Entry = dict[str, torch.Tensor]
 DOT_THRESHOLD = 0.9995
@@ -114,35 +115,40 @@ def grid_rows_cosine(corners: Sequence[Entry], cols: int) -> dict[str, float]:
 
 
 def conditioning(
-    cond: Mapping[str, Any], embeddings: Mapping[str, Entry], memo: MutableMapping[Any, Any] | None = None
+    cond: Cond | Mapping[str, Any],
+    embeddings: Mapping[str, Entry],
+    memo: MutableMapping[Any, Any] | None = None,
 ) -> Entry:
-    """The embedding entry for one frame's conditioning recipe (see ``pipeline.plan.planner``).
+    """The embedding entry for one frame's conditioning (``job.view.cond``, or its plain dict).
 
     ``memo``: a dict the caller keeps across frames of one plan, for what many frames share.
     """
-    if "grid" in cond:
-        corners = [embeddings[k] for k in cond["grid"]]
+    c = cond if isinstance(cond, Cond) else Cond(cond)
+    kind = c.kind
+    if kind == "grid":
+        corners = [embeddings[k] for k in c.corners]
         k1, k2, k3, k4 = corners
-        top = mix(k1, k2, cond["u"], cond["method"])
-        bottom = mix(k3, k4, cond["u"], cond["method"])
-        if "whole_rows" in cond:
+        top = mix(k1, k2, c.u, c.method)
+        bottom = mix(k3, k4, c.u, c.method)
+        cols = c.whole_rows
+        if cols is not None:
             # grid method 'rows': this cell of the slerp of the two whole rows (one angle per row pair).
-            cols = int(cond["whole_rows"])
-            key = ("grid rows", *cond["grid"], cols)  # every frame of the grid's middle rows needs it
+            key = ("grid rows", *c.corners, cols)  # every frame of the grid's middle rows needs it
             dots = memo.get(key) if memo is not None else None
             if dots is None:
                 dots = grid_rows_cosine(corners, cols)
                 if memo is not None:
                     memo[key] = dots
-            return {name: slerp(top[name], bottom[name], cond["v"], dot=dots[name]) for name in top}
-        return mix(top, bottom, cond["v"], cond["method"])
-    a = blend(cond["a"], embeddings)
-    if "walk" in cond:
-        step = walk_direction(a, cond["walk"]["direction"])
-        offset = float(cond["walk"]["offset"])
+            return {name: slerp(top[name], bottom[name], c.v, dot=dots[name]) for name in top}
+        return mix(top, bottom, c.v, c.method)
+    a = blend(c.a, embeddings)
+    if kind == "walk":
+        step = walk_direction(a, c.walk_direction)
+        offset = c.walk_offset
         return {name: (a[name].float() + offset * step[name].float()).to(a[name].dtype) for name in a}
-    if "b" in cond:
-        return mix(a, blend(cond["b"], embeddings), cond["t"], cond["method"])
+    if kind == "morph":
+        assert c.b is not None
+        return mix(a, blend(c.b, embeddings), c.t, c.method)
     return a
 
 
@@ -152,15 +158,18 @@ def seeded_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
-def noise_for(noise: Mapping[str, Any], shape: Sequence[int]) -> torch.Tensor:
-    """A frame's initial latent (float32, CPU) from its noise recipe."""
-    if "circle" in noise:
-        x = seeded_noise(noise["circle"][0], shape)
-        y = seeded_noise(noise["circle"][1], shape)
-        angle = 2 * math.pi * float(noise["s"])
+def noise_for(noise: Noise | Mapping[str, Any], shape: Sequence[int]) -> torch.Tensor:
+    """A frame's initial latent (float32, CPU) from its noise (``job.view.noise``, or its plain dict)."""
+    n = noise if isinstance(noise, Noise) else Noise(noise)
+    kind = n.kind
+    if kind == "circle":
+        first, second = n.circle
+        x, y = seeded_noise(first, shape), seeded_noise(second, shape)
+        angle = 2 * math.pi * n.s
         # cos^2 + sin^2 = 1 keeps the variance of the mix that of a single noise at every frame.
         return math.cos(angle) * x + math.sin(angle) * y
-    x = seeded_noise(noise["seed"], shape)
-    if "to" in noise:
-        return slerp(x, seeded_noise(noise["to"], shape), float(noise["t"]))
+    x = seeded_noise(n.seed, shape)
+    if kind == "travel":
+        assert n.to is not None
+        return slerp(x, seeded_noise(n.to, shape), n.t)
     return x

@@ -28,7 +28,7 @@ def initial_latents(
     """The frames' initial noise, one latent per job, shaped for ``vae`` at ``width`` x ``height``."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (vae.config.latent_channels, height // scale, width // scale)
-    latents = torch.stack([noise_for(job.recipe["noise"], shape) for job in jobs])
+    latents = torch.stack([noise_for(job.view.noise, shape) for job in jobs])
     return latents.to(device, dtype)
 
 
@@ -39,7 +39,7 @@ def generators(jobs: Sequence[FrameJob]) -> list[torch.Generator]:
     frames with the same seed get the same extra noise too, and a change elsewhere in the key (a
     library version) does not reshuffle it.
     """
-    return [torch.Generator("cpu").manual_seed(int(key_of(job.recipe["noise"])[:15], 16)) for job in jobs]
+    return [torch.Generator("cpu").manual_seed(int(key_of(job.view.noise.raw)[:15], 16)) for job in jobs]
 
 
 @contextlib.contextmanager

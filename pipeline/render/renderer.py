@@ -156,14 +156,15 @@ class FrameRenderer:
         return self.encoder.encode(text, prompts, self.scene.clip_skip or 0)
 
     def _negative(self, job: FrameJob) -> Entry:
-        cond = job.recipe["neg"]
-        entry = conditioning(cond, self.embeddings, self._shared)
+        neg = job.view.neg
+        assert neg is not None  # called only for frames with a negative side (guidance > 1)
+        entry = conditioning(neg, self.embeddings, self._shared)
         # SDXL uses zeros, not the encoding of "", for an empty negative prompt (force_zeros_for_empty_prompt).
         if (
             self.family == "sdxl"
-            and "b" not in cond
-            and len(cond["a"]) == 1
-            and self.plan.text(cond["a"][0][0]) == ""
+            and neg.b is None
+            and len(neg.a) == 1
+            and self.plan.text(neg.a[0][0]) == ""
             and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False)
         ):
             return {k: torch.zeros_like(v) for k, v in entry.items()}
@@ -215,7 +216,7 @@ class FrameRenderer:
         return self._images[key]
 
     def _previous(self, job: FrameJob) -> Image.Image | None:
-        prev = job.recipe["mode"].get("prev")
+        prev = job.view.mode.prev
         if prev is None:
             return None
         blob = self.cache.frames.get(prev)
@@ -240,12 +241,12 @@ class FrameRenderer:
 
     def _call(self, jobs: Sequence[FrameJob], latents: torch.Tensor) -> list[Image.Image]:
         """One pipeline call for jobs of one batch group."""
-        recipe = jobs[0].recipe  # mode, LoRA scales and denoised steps are equal across the call
-        scalars = recipe["scalars"]
-        conds = [conditioning(j.recipe["cond"], self.embeddings, self._shared) for j in jobs]
-        scales = [float(j.recipe["scalars"]["guidance"]) for j in jobs]
+        recipe = jobs[0].view  # mode, LoRA scales and denoised steps are equal across the call
+        conds = [conditioning(j.view.cond, self.embeddings, self._shared) for j in jobs]
+        scales = [j.view.guidance for j in jobs]
+        guided = recipe.neg is not None
         # Without guidance (no negative side) the scale is never read: any frame's will do.
-        guidance = PerFrameGuidance(scales) if "neg" in recipe and len(set(scales)) > 1 else scales[0]
+        guidance = PerFrameGuidance(scales) if guided and len(set(scales)) > 1 else scales[0]
         kwargs: dict[str, Any] = {
             "num_inference_steps": self.scene.steps,
             "guidance_scale": guidance,
@@ -254,19 +255,19 @@ class FrameRenderer:
         }
         for name in conds[0]:
             kwargs[name] = torch.cat([c[name] for c in conds]).to(self.device, self.dtype)
-        if "neg" in recipe:
+        if guided:
             negs = [self._negative(j) for j in jobs]
             for name in negs[0]:
                 kwargs[f"negative_{name}"] = torch.cat([n[name] for n in negs]).to(self.device, self.dtype)
-        if "lora" in scalars:
-            names = list(scalars["lora"])
-            denoiser(self.pipe).set_adapters(names, [float(scalars["lora"][n]) for n in names])
+        if loras := recipe.lora:
+            names = list(loras)
+            denoiser(self.pipe).set_adapters(names, [float(loras[n]) for n in names])
 
         name, inputs = self._mode_inputs(jobs)
         kwargs.update(inputs)
         if "strength" in MODES[name].scalars:
             # Strengths of one call leave the same denoising steps (batch_group): any of them will do.
-            kwargs["strength"] = float(scalars["strength"])
+            kwargs["strength"] = float(recipe.scalars["strength"])
         pipe = self._mode_pipe(name)
         if "strength" in kwargs and not self._timesteps_left(pipe, kwargs["strength"]):
             # A strength this low leaves the pipeline no timestep at all (steps x strength < 1 with
@@ -296,33 +297,33 @@ class FrameRenderer:
     def _mode_inputs(self, jobs: Sequence[FrameJob]) -> tuple[str, dict[str, Any]]:
         """The mode a call renders in and its pipeline's image arguments, from the mode recipe of the
         call's frames (equal across it): one branch per mode; the rest of a mode is ``pipeline.modes``."""
-        mode = jobs[0].recipe["mode"]
-        name, n = mode["mode"], len(jobs)
+        mode = jobs[0].view.mode
+        name, n = mode.name, len(jobs)
         if name == "txt2img":
             return name, {}
         if name == "feedback":
             starts = [self._previous(j) for j in jobs]
-            if all(s is None for s in starts) and "init" not in mode:
+            if all(s is None for s in starts) and mode.init is None:
                 return "txt2img", {}  # the first frame of a chain with no init image: nothing to feed back
-            fallback = self._image(mode["init"]) if "init" in mode else None
+            fallback = self._image(mode.init) if mode.init is not None else None
             moved = []
             for j, start in zip(jobs, starts, strict=True):
-                s = j.recipe["scalars"]
+                s = j.view.scalars
                 base = start if start is not None else fallback
                 moved.append(motion(base, s["zoom"], s["angle"], s["translate_x"], s["translate_y"]))
             return name, {"image": moved}
         if name == "img2img":
-            return name, {"image": [self._image(mode["init"])] * n}
+            return name, {"image": [self._image(mode.init)] * n}
         if name == "inpaint":
             return name, {
-                "image": [self._image(mode["init"])] * n,
-                "mask_image": [self._image(mode["mask"], "L")] * n,
+                "image": [self._image(mode.init)] * n,
+                "mask_image": [self._image(mode.mask, "L")] * n,
             }
         if name == "depth2img":
-            inputs: dict[str, Any] = {"image": [self._image(mode["init"])] * n}
-            if mode.get("depth", "estimated") != "estimated":
+            inputs: dict[str, Any] = {"image": [self._image(mode.init)] * n}
+            if mode.depth not in (None, "estimated"):
                 depth = torch.from_numpy(
-                    np.asarray(self._image(mode["depth"], "L"), dtype=np.float32) / 255.0
+                    np.asarray(self._image(mode.depth, "L"), dtype=np.float32) / 255.0
                 )
                 inputs["depth_map"] = depth[None].repeat(n, 1, 1)
             return name, inputs
@@ -333,7 +334,7 @@ class FrameRenderer:
     def render_batch(self, batch: Sequence[FrameJob]) -> list[Image.Image]:
         """Render one batch (one batch group; each feedback frame's previous frame already cached):
         an RGB image per job, in order. The caller encodes and stores them."""
-        self.encode_prompts(key for job in batch for key in _frame_embedding_keys(job))
+        self.encode_prompts(key for job in batch for key in job.view.embedding_keys())
         # Frames whose prompts have different chunk counts (long prompts) get their own calls: each
         # frame's embeddings are padded to its own longest, never to its batch's.
         groups: dict[int, list[int]] = {}
@@ -355,7 +356,7 @@ class FrameRenderer:
         if self.family not in WEIGHTED_FAMILIES:
             return 1
         window = CHUNK_TOKENS + 2
-        return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in _frame_embedding_keys(job))
+        return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in job.view.embedding_keys())
 
     @contextlib.contextmanager
     def _padded(self, chunks: int, jobs: Sequence[FrameJob]) -> Iterator[None]:
@@ -369,7 +370,7 @@ class FrameRenderer:
             self._empty = self._encode("")["prompt_embeds"]
         full, shared = self.embeddings, self._shared
         padded: dict[str, Entry] = {}
-        for key in {k for job in jobs for k in _frame_embedding_keys(job)}:
+        for key in {k for job in jobs for k in job.view.embedding_keys()}:
             entry = dict(full[key])
             have = entry["prompt_embeds"].shape[1] // (CHUNK_TOKENS + 2)
             entry["prompt_embeds"] = torch.cat(
@@ -382,18 +383,3 @@ class FrameRenderer:
             yield
         finally:
             self.embeddings, self._shared = full, shared
-
-
-def _frame_embedding_keys(job: FrameJob) -> list[str]:
-    return [key for part in ("cond", "neg") for key in _embedding_keys(job.recipe.get(part))]
-
-
-def _embedding_keys(cond: dict[str, Any] | None) -> list[str]:
-    if not cond:
-        return []
-    if "grid" in cond:
-        return list(cond["grid"])
-    keys = [k for k, _ in cond["a"]]
-    if "b" in cond:
-        keys += [k for k, _ in cond["b"]]
-    return keys

@@ -43,7 +43,8 @@ from typing import Any
 
 import psutil
 
-from pipeline.store.cache import Store, record_key
+from pipeline.store.cache import Store
+from pipeline.store.records import claim_key
 
 __all__ = ["LEASE_S", "WAIT_NOTICE_S", "Claim", "Claims", "frame_ranges", "live_claims"]
 
@@ -194,7 +195,7 @@ class Claims:
 
     @staticmethod
     def _key(frame_key: str) -> str:
-        return record_key("claim", frame_key)
+        return claim_key(frame_key)
 
     def _payload(self, frame_key: str, since: float, now: float) -> bytes:
         owner = {

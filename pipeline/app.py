@@ -30,16 +30,28 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import yaml
+from typing import Any
 
 from pipeline import _API
+from pipeline.api_base import (
+    BatchRenderer,
+    FrameStatus,
+    InputError,
+    OptionProblem,
+    ProgressFn,
+    RendererArg,
+    RenderError,
+    RenderSetup,
+    Report,
+    file_memo,
+    load_source,
+    make_renderer,
+    open_cache,
+    option_problems,
+)
 from pipeline.audio.store import analysis_cache
 from pipeline.audio.store import remember_scene_analysis as remember_analysis
-from pipeline.cpu import choose_threads
 from pipeline.outputs.assemble import CachedFrames, readable_frames
 from pipeline.outputs.page import page_paths, write_page
 from pipeline.outputs.preview import (
@@ -57,125 +69,17 @@ from pipeline.outputs.preview import (
 from pipeline.outputs.targets import Target, check_outputs
 from pipeline.paths import default_cache_dir
 from pipeline.plan.history import frame_status, load_plan, save_plan
-from pipeline.plan.planner import FrameJob, Plan, plan
+from pipeline.plan.planner import Plan, plan
 from pipeline.render.environment import RenderEnv, resolve_env, torch_device
-from pipeline.render.farm import DEFAULT_TIMEOUT_S, FarmError, FarmRenderer, farm_pool, farm_problems
-from pipeline.render.loop import Progress, run
+from pipeline.render.farm import FarmError
+from pipeline.render.loop import Progress, run  # noqa: F401 - Progress is part of the API (_API)
 from pipeline.render.modelfiles import ModelError, ModelRef, check_model_spec
-from pipeline.render.models import load_pipeline, resolve_model
+from pipeline.render.models import resolve_model
 from pipeline.scene.core import Scene
-from pipeline.scene.load import load_scene, parse_scene
 from pipeline.scene.modelrules import check_against_model
 from pipeline.scene.problems import Problem, SceneError  # noqa: F401 - Problem is part of the API (_API)
-from pipeline.store.cache import CacheDir, CacheUnavailable
 from pipeline.store.claims import live_claims
 from pipeline.store.records import FILE_DIGESTS
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass(frozen=True)
-class OptionProblem:
-    """A problem with an option of the run (not with the scene file): ``--device: 'tpu' is not allowed``."""
-
-    option: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.option}: {self.message}"
-
-
-class InputError(Exception):
-    """Bad input (scene, option, model): nothing was written. The CLI prints ``problems`` and exits 2."""
-
-    def __init__(self, problems: list[Any]):
-        self.problems = list(problems)
-        super().__init__("\n".join(map(str, self.problems)))
-
-
-class RenderError(Exception):
-    """A failure while rendering (disk full, permissions). Finished frames stay cached; exit 1."""
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class FrameStatus:
-    """One frame of the plan: its key and whether it is cached, or why not."""
-
-    frame: int
-    key: str
-    cached: bool
-    status: str
-
-
-@dataclass
-class Report:
-    """What a render did; ``to_dict()`` is the ``--report`` JSON."""
-
-    scene: str
-    frames: int
-    rendered: int
-    cached: int
-    renders: int
-    embeddings_encoded: int
-    outputs: list[str]
-    output_status: dict[str, str]
-    device: str
-    dtype: str
-    model: str
-    seconds: float = 0.0
-    threads: int | None = None  # CPU threads torch rendered with (None: nothing rendered on the CPU)
-    workers: int | None = None  # render-farm workers (pipeline.render.farm); None: rendered in this process
-    notes: list[str] = field(default_factory=list)
-    record: list[str] = field(default_factory=list)  # the record files written (pipeline.outputs.record)
-    previous: str | None = None  # where the outputs this run replaced were kept
-    shown: list[int] | None = (
-        None  # a preview (pipeline.outputs.preview): the frames it shows; None: a final render
-    )
-    page: str | None = None  # the render page, when this run wrote it (pipeline.outputs.page)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class BatchRenderer(Protocol):
-    """Renders frames of one plan: an image per job, in order. ``encoded`` counts embeddings encoded.
-
-    An image is a PIL image (RGB), an HxWx3 uint8 array, or PNG bytes; the run encodes the first two
-    as PNG (``pipeline.render.batches.encode_png``) in its writer thread, overlapping the next ``render_batch``.
-    The jobs of one call share their ``FrameJob.batch_group``.
-    """
-
-    encoded: int
-
-    def render_batch(self, jobs: list[FrameJob]) -> list[Any]: ...
-
-
-@dataclass
-class RenderSetup:
-    """What a renderer factory is given; ``default()`` loads the model and builds the real renderer."""
-
-    scene: Scene
-    env: RenderEnv
-    ref: ModelRef
-    plan: Plan
-    cache: CacheDir
-    threads: int | None = None  # CPU threads to render with: None auto, 0 torch's default
-
-    def default(self) -> BatchRenderer:
-        from pipeline.render.renderer import (  # imports torch: only when a frame renders
-            FrameRenderer,
-            configure,
-        )
-
-        env = self.env
-        pipe = configure(load_pipeline(self.ref, device=env.device, dtype=env.dtype), self.scene)
-        return FrameRenderer(pipe, self.scene, self.plan, self.cache, device=env.device, dtype=env.dtype)
-
-
-RendererArg = BatchRenderer | Callable[[RenderSetup], BatchRenderer] | None
 
 
 def open(  # shadows the builtin on purpose: `pipeline.open(scene)`
@@ -261,7 +165,9 @@ class Session:
         self.cache_dir = cache_dir or default_cache_dir()
         self.scene: Scene | None = None
         self.targets: list[Target] = []
-        self._problems: list[Any] = self._option_problems()
+        self._problems: list[Any] = option_problems(
+            device, batch_size, threads, workers, ray, worker_timeout, self.cache_dir
+        )
         self._resolved: tuple[ModelRef, RenderEnv] | None = None
         self._plan: Plan | None = None
         self._checked_model = False
@@ -269,7 +175,7 @@ class Session:
         self._rendered = False
         try:
             with analysis_cache(self.cache_dir):  # the soundtrack's analysis, if any, is cached there
-                self.scene = _load(source, allow_outside_inputs, base_dir, name)
+                self.scene = load_source(source, allow_outside_inputs, base_dir, name)
             if draft is not None:
                 try:  # another scene, with its own keys: the overrides apply before anything is planned
                     self.scene = draft_scene(self.scene, draft)
@@ -295,32 +201,6 @@ class Session:
                 self._problems = self._problems + exc.problems
         return list(self._problems)
 
-    def _option_problems(self) -> list[OptionProblem]:
-        problems = []
-        if self.device not in DEVICES:
-            problems.append(
-                OptionProblem("--device", f"'{self.device}' is not allowed; allowed: {', '.join(DEVICES)}")
-            )
-        if self.batch_size is not None and not 1 <= self.batch_size <= 1024:
-            problems.append(
-                OptionProblem(
-                    "--batch-size", f"{self.batch_size} is not allowed; use a whole number from 1 to 1024"
-                )
-            )
-        if self.threads is not None and not 0 <= self.threads <= 1024:
-            problems.append(
-                OptionProblem(
-                    "--threads",
-                    f"{self.threads} is not allowed; use 0 (torch's default) or a whole number from 1 to 1024",
-                )
-            )
-        problems += [
-            OptionProblem(o, m) for o, m in farm_problems(self.workers, self.ray, self.worker_timeout)
-        ]
-        if self.cache_dir.exists() and not self.cache_dir.is_dir():
-            problems.append(OptionProblem("--cache-dir", f"{self.cache_dir} is a file, not a folder"))
-        return problems
-
     def _require(self) -> Scene:
         if self.problems:
             raise InputError(self._problems)
@@ -334,7 +214,7 @@ class Session:
             assert scene is not None
             cache = open_cache(self.cache_dir, writable=False)
             try:
-                memo = _memo(cache)
+                memo = file_memo(cache)
                 before = dict(memo)
                 if self.model is not None:
                     # --model gets the checks and the words that the scene's model: gets.
@@ -574,28 +454,10 @@ class Session:
 
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""
-        if renderer is None and (self.workers is not None or self.ray is not None):
-            try:
-                pool = farm_pool(self.workers, self.ray, setup.env.device, setup.threads or None)
-            except FarmError as exc:
-                if exc.option is None:
-                    raise
-                raise InputError([OptionProblem(exc.option, str(exc))]) from None
-            self.threads_used = pool.threads
-            self.farm = FarmRenderer(pool, setup, timeout_s=self.worker_timeout or DEFAULT_TIMEOUT_S)
-            return self.farm  # type: ignore[no-any-return]
-        if setup.env.device == "cpu":
-            import torch  # about to render anyway: the renderer imports it too
-
-            wanted = choose_threads(setup.threads)
-            if wanted is not None:
-                torch.set_num_threads(wanted)
-            self.threads_used = torch.get_num_threads()
-        if renderer is None:
-            return setup.default()
-        if hasattr(renderer, "render_batch"):
-            return renderer  # type: ignore[return-value]
-        return renderer(setup)  # type: ignore[operator]
+        made, self.farm, self.threads_used = make_renderer(
+            renderer, setup, self.workers, self.ray, self.worker_timeout
+        )
+        return made
 
     # 4. Frames back as pictures.
     def frames(self) -> list[Any]:
@@ -610,41 +472,6 @@ class Session:
             if missing:
                 raise RenderError(f"{len(missing)} frames are not rendered yet (first: frame {missing[0]})")
             return list(CachedFrames(cache, [j.key for j in p]))
-
-
-def _load(
-    source: str | Path | Mapping[str, Any], allow_outside: bool, base_dir: Path | None, name: str
-) -> Scene:
-    """A validated scene from a path, YAML text or a dict."""
-    if isinstance(source, Mapping):
-        text = yaml.safe_dump(dict(source), sort_keys=False, allow_unicode=True)
-        shown = f"<dict {name}>"
-    elif isinstance(source, Path) or ("\n" not in source and source.strip().endswith((".yaml", ".yml"))):
-        return load_scene(source, allow_outside_inputs=allow_outside)
-    else:
-        text, shown = source, f"<string {name}>"
-    base = (base_dir or Path.cwd()).resolve() / f"{name}.yaml"
-    return parse_scene(text, shown, base_path=base, allow_outside_inputs=allow_outside)
-
-
-def _memo(cache: CacheDir | None) -> dict[str, Any]:
-    """File-hash memo (stat -> sha256) kept in the cache, so big checkpoints are hashed once."""
-    if cache is None:
-        return {}
-    return dict(cache.records.get_json(FILE_DIGESTS) or {})
-
-
-def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
-    """The cache, created if ``writable``; read-only (None if there is none yet) otherwise."""
-    # A cache that may not be written (read-only mount) opens read-only: --plan and fully cached
-    # renders work; a full disk is a failure (exit 1), anything else bad input; hints never advise
-    # clearing an intact store.
-    try:
-        return CacheDir.open(cache_dir) if writable else CacheDir.open_readonly(cache_dir)
-    except CacheUnavailable as exc:
-        if exc.kind == "full":
-            raise RenderError(f"--cache-dir: {exc}\n{exc.hint()}") from None
-        raise InputError([f"--cache-dir: {exc}", exc.hint()]) from None
 
 
 __all__ = list(_API)  # the names pipeline/__init__.py exports, listed once there

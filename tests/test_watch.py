@@ -59,6 +59,21 @@ class Lines:
                 return line
         raise AssertionError(f"no {text!r} within {WAIT_S}s; output:\n" + "\n".join(self.seen))
 
+    def settle(self, quiet_s: float = 3.0) -> str:
+        """Wait until the process has printed nothing for ``quiet_s``; returns the last line. (A save
+        can reach the watcher as two batches of events on a loaded machine: the second re-plans, and a
+        Ctrl-C sent during that no-op render would exit 130, as documented, instead of 0.)"""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=quiet_s)
+            except queue.Empty:
+                return self.seen[-1]
+            if line is None:
+                raise AssertionError("exited while settling; output:\n" + "\n".join(self.seen))
+            self.seen.append(line)
+        raise AssertionError(f"still printing after {WAIT_S}s; output:\n" + "\n".join(self.seen))
+
 
 def _save(path: Path, text: str) -> None:
     # As many editors save: a new file renamed over the old one.
@@ -113,9 +128,10 @@ def test_watch_renders_on_save_survives_an_invalid_save_and_stops_on_ctrl_c(tmp_
         lines.wait_for("changed: s.yaml")
         assert lines.wait_for("2 frames:").startswith("2 frames: 0 rendered, 2 cached; outputs:")
         lines.wait_for("watching")
+        assert "watching" in lines.settle(), lines.seen  # waiting for a save, not rendering
 
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=WAIT_S) == 0
+        assert proc.wait(timeout=WAIT_S) == 0, lines.seen
         lines.wait_for("stopped watching")
     finally:
         if proc.poll() is None:

@@ -163,6 +163,31 @@ def test_bands_follow_their_own_tone(tmp_path: Path) -> None:
     assert strength[2] > 0.75 and strength[-2] < 0.3  # the treble fades
 
 
+def test_a_lora_scale_follows_the_audio_and_renders(tmp_path: Path) -> None:
+    """A LoRA's scale is a keyframable scalar like the others: it can follow the soundtrack too."""
+    _clicks(tmp_path / "song.wav", [], 8 / 12, tone=0.8)  # as long as the 8 frames at 12 fps
+    lora = Path(__file__).resolve().parents[1] / "scenes" / "inputs" / "style_tiny.safetensors"
+    (tmp_path / "style.safetensors").write_bytes(lora.read_bytes())
+    path = _scene(
+        tmp_path,
+        "audio: {path: song.wav}\nloras:\n  - {path: style.safetensors, name: style, scale: {audio: rms, min: 0, max: 1}}\n"
+        "keyframes:\n  - {frame: 0, prompt: a knight}\n  - {frame: 7, prompt: a knight}\n",
+    )
+    scales = [job.view.lora["style"] for job in pipeline.open(path, cache_dir=tmp_path / "c").plan()]
+    assert len(scales) == 8 and scales[0] < 0.1 and scales[-1] > 0.8
+    assert all(b > a for a, b in pairwise(scales)), scales  # the tone rises: so does the scale
+    counting = CountingRenderer()
+    report = pipeline.open(path, cache_dir=tmp_path / "c", device="cpu").render(renderer=counting)
+    assert report.rendered == 8 and len(set(counting.keys)) == 8
+    # Set in two places is a located problem, as for a top-level scalar.
+    both = path.read_text().replace(
+        "frame: 7, prompt: a knight}", "frame: 7, prompt: a knight, lora: {style: 0.5}}"
+    )
+    path.write_text(both)
+    problems = [str(p) for p in pipeline.open(path, cache_dir=tmp_path / "c").problems]
+    assert any("loras 1, scale follows the audio (line 7)" in p and ".yaml:10:" in p for p in problems), problems
+
+
 # -- the MP4's soundtrack, and a new song re-muxes without rendering ---------------------------------
 
 

@@ -27,24 +27,40 @@ from pipeline.scene.inputfiles import path_kind
 from pipeline.scene.problems import Problem, shorten
 from pipeline.scene.yamlio import YamlDoc
 
-__all__ = ["check_audio", "drive_values", "take_drives"]
+__all__ = ["check_audio", "drive_place", "drive_values", "take_drives"]
 
 Bounds = Callable[[str], tuple[float | None, float | None, bool]]
 _ADD_AUDIO = "add 'audio: {path: song.wav}' to the scene"
 
 
+def drive_place(name: str) -> tuple[tuple[Any, ...], int | None]:
+    """Where an audio-driven value is in the file, and the index of its LoRA: a top-level scalar
+    (``zoom``) or a LoRA's scale (named ``loras 2, scale`` in messages, as schedules name it)."""
+    if name.startswith("loras ") and name.endswith(", scale"):
+        i = int(name[len("loras ") : -len(", scale")]) - 1
+        return ("loras", i, "scale"), i
+    return (name,), None
+
+
 def take_drives(doc: YamlDoc, names: Sequence[str]) -> tuple[dict[str, Drive], list[Problem]]:
-    """Take the audio-driven values (``zoom: {audio: rms, min: 1, max: 1.05}``) out of the data
-    before validation; they become per-frame keyframes once the scene's length is known."""
+    """Take the audio-driven values (``zoom: {audio: rms, min: 1, max: 1.05}``, and a LoRA's
+    ``scale:`` written so) out of the data before validation; they become per-frame keyframes once
+    the scene's length is known."""
     drives: dict[str, Drive] = {}
     problems: list[Problem] = []
     if not isinstance(doc.data, dict):
         return drives, problems
-    for name in names:
-        value = doc.data.get(name)
+    places: list[tuple[dict[str, Any], str, str]] = [(doc.data, name, name) for name in names]
+    loras = doc.data.get("loras")
+    for i, item in enumerate(loras if isinstance(loras, list) else []):
+        if isinstance(item, dict):
+            places.append((item, "scale", f"loras {i + 1}, scale"))
+    for holder, key, name in places:
+        value = holder.get(key)
         if not is_drive(value):
             continue
-        del doc.data[name]
+        del holder[key]
+        at = drive_place(name)[0]
         try:
             drive = Drive.model_validate(value)
         except ValidationError as exc:
@@ -52,7 +68,7 @@ def take_drives(doc: YamlDoc, names: Sequence[str]) -> tuple[dict[str, Drive], l
             where = ".".join(str(p) for p in err["loc"])
             problems.append(
                 doc.problem(
-                    (name, *err["loc"][:1]),
+                    (*at, *err["loc"][:1]),
                     f"{name}: {where + ': ' if where else ''}{err['msg']}; an audio-driven value is "
                     "{audio: rms|onset|bass|mid|treble, min: A, max: B} or {band: [LO, HI], min: A, max: B} (Hz)",
                 )
@@ -61,14 +77,14 @@ def take_drives(doc: YamlDoc, names: Sequence[str]) -> tuple[dict[str, Drive], l
         if (drive.audio is None) == (drive.band is None):
             problems.append(
                 doc.problem(
-                    (name,),
+                    at,
                     f"{name}: give either 'audio' (rms, onset, bass, mid, treble) or 'band: [LO, HI]'",
                 )
             )
         elif drive.band is not None and drive.band[0] >= drive.band[1]:
             problems.append(
                 doc.problem(
-                    (name, "band"),
+                    (*at, "band"),
                     f"{name}: band [{drive.band[0]:g}, {drive.band[1]:g}] is empty; write [LO, HI] with LO < HI (Hz)",
                 )
             )
@@ -122,7 +138,11 @@ def check_audio(
                 )
             )
         for name in drives:
-            add(doc.problem((name,), f"{name} follows the audio, and the scene has none; {_ADD_AUDIO}"))
+            add(
+                doc.problem(
+                    drive_place(name)[0], f"{name} follows the audio, and the scene has none; {_ADD_AUDIO}"
+                )
+            )
         return problems
 
     # 2. The file (missing, outside the folder, not a file: reported with the other input files).
@@ -204,24 +224,38 @@ def check_audio(
 
     # 5. Audio-driven values: within the value's bounds, and set in one place.
     for name, drive in drives.items():
+        at, lora = drive_place(name)
         low, high, above = bounds(name)
         for edge in ("min", "max"):
             v = getattr(drive, edge)
             if (low is not None and (v < low or (above and v == low))) or (high is not None and v > high):
-                allowed = f"{'over' if above else 'from'} {low:g} to {high:g}"
-                add(doc.problem((name, edge), f"{name}: {edge} {v:g} is out of bounds; allowed: {allowed}"))
+                allowed = " ".join(
+                    part
+                    for part in (
+                        f"{'over' if above else 'from'} {low:g}" if low is not None else "",
+                        f"to {high:g}" if high is not None else "",
+                    )
+                    if part
+                )
+                add(doc.problem((*at, edge), f"{name}: {edge} {v:g} is out of bounds; allowed: {allowed}"))
         if scene.walk is not None or scene.grid is not None:
             add(
                 doc.problem(
-                    (name,), f"{name}: an audio-driven value sets keyframes, and a walk or grid takes none"
+                    at, f"{name}: an audio-driven value sets keyframes, and a walk or grid takes none"
                 )
             )
+        lora_name = (
+            scene.lora_name(scene.loras[lora]) if lora is not None and lora < len(scene.loras) else None
+        )
         for i, kf in enumerate(scene.keyframes):
-            if getattr(kf, name, None) is not None:
+            given = (kf.lora or {}).get(lora_name) if lora_name is not None else getattr(kf, name, None)
+            if given is not None:
                 add(
                     doc.problem(
-                        ("keyframes", i, name),
-                        f"keyframe {i + 1}: {name} follows the audio (line {doc.where((name,))[0]}); set it in one place",
+                        ("keyframes", i, "lora", lora_name)
+                        if lora_name is not None
+                        else ("keyframes", i, name),
+                        f"keyframe {i + 1}: {name} follows the audio (line {doc.where(at)[0]}); set it in one place",
                     )
                 )
     scene._audio = timeline

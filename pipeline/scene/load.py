@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.audio.rules import drive_values, take_drives
+from pipeline.audio.rules import drive_place, drive_values, take_drives
 from pipeline.gcpause import gc_paused
 from pipeline.scene.core import Loading, Scene, join_prompt_parts
 from pipeline.scene.inputfiles import read_scene_bytes
@@ -105,7 +105,8 @@ def _parse_scene(
     assert scene is not None
     join_prompt_parts(scene)
     for name, values in drive_values(scene).items():  # audio-driven values: a point at every frame
-        schedules[name] = Schedule(name, "", [], *doc.where((name,)), False, values=values)
+        at, lora = drive_place(name)
+        schedules[name] = Schedule(name, "", [], *doc.where(at), False, values=values, lora=lora)
     if schedules:
         schedules_to_keyframes(scene)
     return scene

@@ -35,9 +35,9 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.modes import MODES, pipeline_class
 from pipeline.plan.planner import FrameJob, Plan
-from pipeline.plan.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES
+from pipeline.plan.prompts import WEIGHTED_FAMILIES
 from pipeline.render.denoise import PerFrameGuidance, denoise_calls, denoiser, guidance_embedded, in_order
-from pipeline.render.encode import PromptEncoder
+from pipeline.render.encode import PromptEncoder, pad_windows, windows
 from pipeline.render.environment import read_input
 from pipeline.render.interpolate import Entry, conditioning
 from pipeline.render.noise import generators, initial_latents, injected_noise
@@ -354,8 +354,9 @@ class FrameRenderer:
         """The most 77-token windows among a frame's prompt and negative prompt embeddings."""
         if self.family not in WEIGHTED_FAMILIES:
             return 1
-        window = CHUNK_TOKENS + 2
-        return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in _frame_embedding_keys(job))
+        return max(
+            windows(self.embeddings[k]["prompt_embeds"], self.family) for k in _frame_embedding_keys(job)
+        )
 
     @contextlib.contextmanager
     def _padded(self, chunks: int, jobs: Sequence[FrameJob]) -> Iterator[None]:
@@ -371,10 +372,7 @@ class FrameRenderer:
         padded: dict[str, Entry] = {}
         for key in {k for job in jobs for k in _frame_embedding_keys(job)}:
             entry = dict(full[key])
-            have = entry["prompt_embeds"].shape[1] // (CHUNK_TOKENS + 2)
-            entry["prompt_embeds"] = torch.cat(
-                [entry["prompt_embeds"]] + [self._empty] * (chunks - have), dim=1
-            )
+            entry["prompt_embeds"] = pad_windows(entry["prompt_embeds"], self._empty, chunks, self.family)
             padded[key] = entry
         self.embeddings = padded
         self._shared = self._shared_padded.setdefault(chunks, {})

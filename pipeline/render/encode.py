@@ -138,7 +138,10 @@ class PromptEncoder:
         norm), the two encoders' outputs side by side; the pooled embedding is the second encoder's
         for the first chunk, unweighted (as AUTOMATIC1111 takes it)."""
         sides, pooled = self._clip_sides(text, prompts, clip_skip)
-        return {"prompt_embeds": torch.cat(sides, dim=-1), "pooled_prompt_embeds": pooled[-1]}
+        return {
+            "prompt_embeds": torch.cat(sides, dim=-1),
+            "pooled_prompt_embeds": pooled[-1] if pooled else None,
+        }
 
     def _sd3_weighted(self, text: str, prompts: Mapping[str, Any], clip_skip: int) -> Entry:
         """SD3 embeddings of a weighted and/or long prompt, laid out as diffusers' ``encode_prompt``

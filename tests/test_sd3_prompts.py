@@ -208,6 +208,14 @@ def test_a_t5_prompt_past_256_tokens_is_cut_with_a_warning(
     err = capsys.readouterr().err
     assert "is 300 T5 tokens; SD3's T5 takes 255 (diffusers' max_sequence_length 256" in err
     assert "drops the last 45: 'dog dog" in err
+    # One CLIP window (75 tokens) but 301 T5 tokens: diffusers' own encoding, keyed as before, and
+    # the T5 cut is said all the same (diffusers' own warning is silenced).
+    text = "x" * 300
+    renderer, jobs = _setup(tmp_path / "short", str(with_t5), "t5: true\n", text)
+    assert "prompts" not in _key_recipe(jobs)
+    capsys.readouterr()
+    assert torch.equal(renderer._encode(text)["prompt_embeds"], _diffusers(renderer.pipe, text)[0])
+    assert "is 301 T5 tokens; SD3's T5 takes 255" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("t5", [False, True])

@@ -5,7 +5,8 @@
     safetensors.torch.save_file(state, "tiny.safetensors")
 
 The key mapping is the inverse of ``diffusers.loaders.single_file_utils`` (``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``);
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``, and for
+SD3 ``convert_sd3_transformer_checkpoint_to_diffusers``: see :func:`sd3_to_single_file`);
 tests check the round trip through those functions, so a wrong inverse cannot pass unnoticed.
 """
 
@@ -174,4 +175,83 @@ def to_single_file(folder: Path, *, vae: bool = True) -> dict[str, torch.Tensor]
         out.update(open_clip_to_ldm(text2, "conditioner.embedders.1.model."))
     else:
         out.update(clip_to_ldm(text, "cond_stage_model.transformer."))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# SD3's MMDiT: diffusers' name -> the original (SAI / ComfyUI) name, both without their prefixes.
+_SD3_TOP = {
+    "pos_embed.pos_embed": "pos_embed",
+    "pos_embed.proj.": "x_embedder.proj.",
+    "time_text_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+    "time_text_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+    "time_text_embed.text_embedder.linear_1.": "y_embedder.mlp.0.",
+    "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.",
+    "context_embedder.": "context_embedder.",
+    "proj_out.": "final_layer.linear.",
+}
+_SD3_BLOCK = {
+    "attn.to_out.0.": "x_block.attn.proj.",
+    "attn.to_add_out.": "context_block.attn.proj.",
+    "norm1.linear.": "x_block.adaLN_modulation.1.",
+    "norm1_context.linear.": "context_block.adaLN_modulation.1.",
+    "ff.net.0.proj.": "x_block.mlp.fc1.",
+    "ff.net.2.": "x_block.mlp.fc2.",
+    "ff_context.net.0.proj.": "context_block.mlp.fc1.",
+    "ff_context.net.2.": "context_block.mlp.fc2.",
+}
+
+
+def _swap_halves(value: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``swap_scale_shift`` (shift, scale -> scale, shift), its own inverse."""
+    first, second = value.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sd3_transformer_to_original(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers SD3Transformer2DModel in the original layout (without 'model.diffusion_model.'): q, k
+    and v joined into one ``qkv`` per stream, and the last block's context modulation and the final
+    modulation with their halves swapped back. No qk norm or dual attention (the tiny has neither)."""
+    assert not config.get("qk_norm") and not config.get("dual_attention_layers")
+    last = config["num_layers"] - 1
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.startswith("norm_out.linear."):
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = _swap_halves(value)
+            continue
+        m = re.match(r"transformer_blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            (new,) = [v + key[len(k) :] for k, v in _SD3_TOP.items() if key.startswith(k)]
+            out[new] = value
+            continue
+        i, rest = int(m[1]), m[2]
+        if re.match(r"attn\.(to|add)_[qkv](_proj)?\.", rest):
+            continue  # joined below
+        (new,) = [v + rest[len(k) :] for k, v in _SD3_BLOCK.items() if rest.startswith(k)]
+        if i == last and rest.startswith("norm1_context."):
+            value = _swap_halves(value)
+        out[f"joint_blocks.{i}.{new}"] = value
+    for i in range(config["num_layers"]):
+        for kind in ("weight", "bias"):
+            x = [state[f"transformer_blocks.{i}.attn.to_{c}.{kind}"] for c in "qkv"]
+            ctx = [state[f"transformer_blocks.{i}.attn.add_{c}_proj.{kind}"] for c in "qkv"]
+            out[f"joint_blocks.{i}.x_block.attn.qkv.{kind}"] = torch.cat(x)
+            out[f"joint_blocks.{i}.context_block.attn.qkv.{kind}"] = torch.cat(ctx)
+    return out
+
+
+def sd3_to_single_file(folder: Path) -> dict[str, torch.Tensor]:
+    """The SD3 model in ``folder`` (without T5) as one original-layout state dict, as SAI's
+    ``sd3_medium_incl_clips.safetensors`` lays it out: the MMDiT under 'model.diffusion_model.', the VAE
+    under 'first_stage_model.', CLIP-L and CLIP-G in transformers' own layout under
+    'text_encoders.clip_l.transformer.' and 'text_encoders.clip_g.transformer.'."""
+    out: dict[str, torch.Tensor] = {}
+    state, config = _component(folder, "transformer")
+    out.update(
+        {"model.diffusion_model." + k: v for k, v in sd3_transformer_to_original(state, config).items()}
+    )
+    state, config = _component(folder, "vae")
+    out.update(vae_to_ldm(state, config, "first_stage_model."))
+    for name, prefix in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        state, _ = _component(folder, name)
+        out.update({f"text_encoders.{prefix}.transformer.{k}": v for k, v in state.items()})
     return {k: v.contiguous() for k, v in out.items()}

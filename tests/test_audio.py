@@ -185,7 +185,9 @@ def test_a_lora_scale_follows_the_audio_and_renders(tmp_path: Path) -> None:
     )
     path.write_text(both)
     problems = [str(p) for p in pipeline.open(path, cache_dir=tmp_path / "c").problems]
-    assert any("loras 1, scale follows the audio (line 7)" in p and ".yaml:10:" in p for p in problems), problems
+    assert any("loras 1, scale follows the audio (line 7)" in p and ".yaml:10:" in p for p in problems), (
+        problems
+    )
 
 
 # -- the MP4's soundtrack, and a new song re-muxes without rendering ---------------------------------

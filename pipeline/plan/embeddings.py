@@ -54,7 +54,7 @@ class Embeddings:
             "dtype": env.dtype,
             "libraries": {k: v for k, v in env.libraries.items() if k in EMBEDDING_LIBRARIES},
         }
-        # SD 1.x/2.x and SDXL texts that may encode otherwise than diffusers' plain encode_prompt (weighting
+        # Texts that may encode otherwise than diffusers' plain encode_prompt (weighting
         # syntax, or longer than one CLIP window) name the prompt format and parser in their key; the
         # keys of the other texts stay as they were before weighting and long prompts existed.
         self.prompts = (

@@ -25,11 +25,16 @@ from typing import Any
 # Bump when the parse or the chunking changes: it is in every key of a prompt that goes through here.
 PARSER_VERSION = 1
 
-# The model families whose prompts are weighted and chunked here (SD3 is not, yet).
-WEIGHTED_FAMILIES = ("sd", "sdxl")
+# The model families whose prompts are weighted and chunked here (SD3: its two CLIP encoders; its T5,
+# when on, is weighted on its own tokens, see ``T5_TOKENS``).
+WEIGHTED_FAMILIES = ("sd", "sdxl", "sd3")
 
 # Tokens of one chunk between its BOS and EOS (CLIP's window of 77 less the two).
 CHUNK_TOKENS = 75
+
+# SD3's T5 sequence: diffusers' ``max_sequence_length`` default (its EOS included). Every SD3 embedding
+# ends with these rows (T5's, or zeros without T5); T5 tokens past it are cut, with a warning.
+T5_TOKENS = 256
 
 _SYNTAX = re.compile(r"[()\[\]\\]")
 
@@ -190,8 +195,8 @@ class TokenCount:
 
 
 def count_tokens(tokenizer: Any, text: str, prompt_format: str, long_prompts: str, family: str) -> TokenCount:
-    """Count ``text``'s tokens as the renderer will encode them (SD 1.x/2.x chunked or cut as the scene
-    says; SD3 cut at one window). A learned embedding's token counts as one token here."""
+    """Count ``text``'s CLIP tokens as the renderer will encode them (chunked or cut as the scene says;
+    SD3's T5 tokens are not counted here). A learned embedding's token counts as one token here."""
     fmt = prompt_format if family in WEIGHTED_FAMILIES else "plain"
     ids = weighted_tokens(tokenizer, text, fmt)[0]
     if family in WEIGHTED_FAMILIES and long_prompts == "chunk":

@@ -35,9 +35,9 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.modes import MODES, pipeline_class
 from pipeline.plan.planner import FrameJob, Plan
-from pipeline.plan.prompts import CHUNK_TOKENS, WEIGHTED_FAMILIES
+from pipeline.plan.prompts import WEIGHTED_FAMILIES
 from pipeline.render.denoise import PerFrameGuidance, denoise_calls, denoiser, guidance_embedded, in_order
-from pipeline.render.encode import PromptEncoder
+from pipeline.render.encode import PromptEncoder, pad_windows, windows
 from pipeline.render.environment import read_input
 from pipeline.render.interpolate import Entry, conditioning
 from pipeline.render.noise import generators, initial_latents, injected_noise
@@ -322,9 +322,7 @@ class FrameRenderer:
         if name == "depth2img":
             inputs: dict[str, Any] = {"image": [self._image(mode.init)] * n}
             if mode.depth not in (None, "estimated"):
-                depth = torch.from_numpy(
-                    np.asarray(self._image(mode.depth, "L"), dtype=np.float32) / 255.0
-                )
+                depth = torch.from_numpy(np.asarray(self._image(mode.depth, "L"), dtype=np.float32) / 255.0)
                 inputs["depth_map"] = depth[None].repeat(n, 1, 1)
             return name, inputs
         raise NotImplementedError(
@@ -355,8 +353,9 @@ class FrameRenderer:
         """The most 77-token windows among a frame's prompt and negative prompt embeddings."""
         if self.family not in WEIGHTED_FAMILIES:
             return 1
-        window = CHUNK_TOKENS + 2
-        return max(self.embeddings[k]["prompt_embeds"].shape[1] // window for k in job.view.embedding_keys())
+        return max(
+            windows(self.embeddings[k]["prompt_embeds"], self.family) for k in job.view.embedding_keys()
+        )
 
     @contextlib.contextmanager
     def _padded(self, chunks: int, jobs: Sequence[FrameJob]) -> Iterator[None]:
@@ -372,10 +371,7 @@ class FrameRenderer:
         padded: dict[str, Entry] = {}
         for key in {k for job in jobs for k in job.view.embedding_keys()}:
             entry = dict(full[key])
-            have = entry["prompt_embeds"].shape[1] // (CHUNK_TOKENS + 2)
-            entry["prompt_embeds"] = torch.cat(
-                [entry["prompt_embeds"]] + [self._empty] * (chunks - have), dim=1
-            )
+            entry["prompt_embeds"] = pad_windows(entry["prompt_embeds"], self._empty, chunks, self.family)
             padded[key] = entry
         self.embeddings = padded
         self._shared = self._shared_padded.setdefault(chunks, {})

@@ -351,20 +351,23 @@ def load_checkpoint(ref: ModelRef, cls: Any, kwargs: dict[str, Any]) -> Any:
             kwargs[name] = getattr(library, value[1]).from_pretrained(
                 ref.folder, subfolder=name, torch_dtype=kwargs["torch_dtype"]
             )
-    if ref.family == "sdxl" and "text_encoder_2" in ref.from_file and "text_encoder_2" not in kwargs:
-        second = _sdxl_open_clip(ref, kwargs["torch_dtype"])
+    if ref.family in SECOND_CLIP and "text_encoder_2" in ref.from_file and "text_encoder_2" not in kwargs:
+        second = _second_clip(ref, kwargs["torch_dtype"])
         if second is not None:
             kwargs["text_encoder_2"] = second
     return cls.from_single_file(str(ref.checkpoint), config=str(ref.folder), local_files_only=True, **kwargs)
 
 
-SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+# The second text encoder's weights in the original layout: SDXL's in OpenCLIP's layout, SD3's CLIP-G in
+# transformers' own.
+SECOND_CLIP = {"sdxl": "conditioner.embedders.1.model.", "sd3": "text_encoders.clip_g.transformer."}
 
 
-def _sdxl_open_clip(ref: ModelRef, torch_dtype: Any) -> Any:
-    """SDXL's second text encoder (OpenCLIP layout) built here when diffusers would mistake it for the
-    first: diffusers tells them apart by width only, so with two encoders of one width (a small custom
-    SDXL, the embedded tiny-sdxl) it loads the first encoder's weights into the second. None otherwise."""
+def _second_clip(ref: ModelRef, torch_dtype: Any) -> Any:
+    """SDXL's second text encoder, or SD3's CLIP-G, built here when diffusers would mistake it for the
+    first: diffusers tells them apart by width only (it tries the first encoder's key first), so with two
+    encoders of one width (a small custom model, the embedded tiny-sdxl and tiny-sd3) it loads the first
+    encoder's weights into the second (for SD3 with CLIP-L's identity projection too). None otherwise."""
     assert ref.folder is not None and ref.checkpoint is not None
     try:
         widths = [
@@ -374,23 +377,28 @@ def _sdxl_open_clip(ref: ModelRef, torch_dtype: Any) -> Any:
     except (OSError, ValueError, AttributeError):
         return None
     if widths[0] != widths[1]:
-        return None  # real SDXL (768 and 1280): diffusers finds each by itself
+        return None  # real SDXL (768 and 1280) and SD3 (768 and 1280): diffusers finds each by itself
     import torch
     import transformers
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
+    prefix = SECOND_CLIP[ref.family]
     if ref.checkpoint.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(ref.checkpoint), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(SDXL_OPEN_CLIP)}  # noqa: SIM118
+            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
     else:
         state = torch.load(str(ref.checkpoint), map_location="cpu", weights_only=True, mmap=True)
         while "state_dict" in state:
             state = state["state_dict"]
     config = transformers.CLIPTextConfig.from_pretrained(ref.folder, subfolder="text_encoder_2")
     model = transformers.CLIPTextModelWithProjection(config)
-    model.load_state_dict(convert_open_clip_checkpoint(model, state, prefix=SDXL_OPEN_CLIP), strict=False)
+    if ref.family == "sd3":
+        converted = convert_ldm_clip_checkpoint(state, prefix)
+    else:
+        converted = convert_open_clip_checkpoint(model, state, prefix=prefix)
+    model.load_state_dict(converted, strict=False)
     return model.to(torch_dtype).eval()
 
 

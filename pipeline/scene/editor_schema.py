@@ -71,10 +71,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "noise": "Where each frame's initial noise comes from: fixed, per_frame, travel, or "
         "{kind: circle, seeds: [A, B]}.",
         "clip_skip": "Skip the last N CLIP layers, for the prompts and the negative prompts alike.",
-        "prompt_format": "SD 1.x/2.x and SDXL: weighted reads (word:1.3), (word) and [word] as AUTOMATIC1111 does "
+        "prompt_format": "weighted reads (word:1.3), (word) and [word] as AUTOMATIC1111 does "
         "(\\( for a literal bracket); plain passes the text as it is.",
-        "long_prompts": "SD 1.x/2.x and SDXL: chunk encodes a prompt past 75 tokens in 75-token chunks; truncate cuts it "
-        "there, with a warning.",
+        "long_prompts": "chunk encodes a prompt past 75 CLIP tokens in 75-token chunks; truncate cuts it there, with "
+        "a warning (SD3's T5 takes 255 tokens either way).",
         "t5": "SD3 only: use the T5 text encoder too.",
         "mode": "txt2img, img2img, inpaint, depth2img or feedback; a keyframe may switch it (it holds, never blends).",
         "init_image": "The input image of img2img, inpaint, depth2img and feedback, relative to the scene file.",

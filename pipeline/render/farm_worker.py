@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline.render.batches import encode_png
-from pipeline.render.models import ModelError, library_versions, load_pipeline, resolve_model
+from pipeline.render.environment import library_versions
+from pipeline.render.models import ModelError, load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, configure
 
 

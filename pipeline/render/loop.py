@@ -158,7 +158,8 @@ class Renders:
       farm worker out of memory fails its batch, which the loop sends again in halves the same way.
     - The first Ctrl-C stores the frames already rendered and stops when the batch on the device
       returns (that batch is not stored: it would come on top of the frames being written); a second
-      Ctrl-C stops at once, once the frames already rendered are stored.
+      Ctrl-C stops at once, once the frames already rendered are stored. On a farm it stops when the
+      first batch in flight returns, and drops it and the others the same way.
     """
 
     POLL_S = 0.2

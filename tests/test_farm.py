@@ -205,6 +205,88 @@ def test_feedback_frames_from_an_init_image_render_in_order_as_in_one_process(
     assert _frames(tmp_path / "cache2", keys) == _frames(tmp_path / "cache1", keys)
 
 
+@pytest.fixture(scope="module")
+def small_device(pool: Any) -> Any:
+    """The module's pool with workers that run out of memory above some frames per call
+    (``tests._farm_faults``; set with :func:`_out_of_memory_above`); its own workers again after."""
+    from pipeline.render import farm
+    from tests._farm_faults import SmallDeviceWorker
+
+    own = pool.actor_class
+    pool.actor_class = farm.remote_worker(pool.ray, SmallDeviceWorker)
+    for actor in list(pool.actors):
+        pool.replace(actor)
+    yield pool
+    pool.actor_class = own
+    for actor in list(pool.actors):
+        pool.replace(actor)
+
+
+def _out_of_memory_above(pool: Any, max_jobs: int, kind: str) -> list[int]:
+    """Every worker fails above ``max_jobs`` frames from now on; the frames of the calls that failed
+    since the last time, all workers together."""
+    failed = pool.ray.get([actor.out_of_memory_above.remote(max_jobs, kind) for actor in pool.actors])
+    return sorted(n for worker in failed for n in worker)
+
+
+@pytest.mark.parametrize("kind", ["torch", "runtime"])
+def test_a_worker_out_of_memory_has_its_batch_sent_again_in_halves(
+    kind: str,
+    small_device: Any,
+    reference: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pool = small_device
+    _out_of_memory_above(pool, 2, kind)
+    replaced = pool.replaced
+    scene = _write(tmp_path / "scene", SCENE)
+    stored: list[str] = []
+    session = pipeline.open(scene, workers=2, threads=1, batch_size=4, cache_dir=tmp_path / "cache")
+    report = session.render(progress=lambda p: stored.extend(p.keys))
+    err = capsys.readouterr().err
+    # Both first batches (4 frames, one per worker) fail; the message is said once, as in one process.
+    assert _out_of_memory_above(pool, 1 << 30, kind) == [4, 4]
+    assert err.count("out of memory") == 1, err
+    assert "out of memory with 4 frames per batch; going on with 2" in err and "Traceback" not in err
+    # Their halves are sent again and every later batch has 2 frames: 8 + 12 frames sent, no worker lost.
+    assert (report.rendered, session.farm.sent, session.farm.requeued, pool.replaced) == (12, 20, 0, replaced)
+    assert Counter(stored) == Counter(_keys(scene))
+    # Rendered in batches of 2, as the reference: the same frames and outputs.
+    assert _frames(tmp_path / "cache", _keys(scene)) == reference["frames"]
+    assert (scene.parent / "renders" / "scene" / "out.gif").read_bytes() == reference["gif"]
+
+
+def test_a_worker_out_of_memory_with_one_frame_is_the_error_of_one_process(
+    small_device: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _out_of_memory_above(small_device, 0, "runtime")
+    scene = _write(tmp_path / "scene", SCENE)
+    options = [
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "2",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main([str(scene), *options])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.count("out of memory with 2 frames per batch; going on with 1") == 1, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{scene}: ")]
+    assert lines == [
+        f"{scene}: out of memory rendering a single frame at 32x32: lower the size, use 'dtype: float16' "
+        "on a GPU, or free memory used by other programs"
+    ], err
+    assert "Traceback" not in err
+    failed = _out_of_memory_above(small_device, 1 << 30, "runtime")
+    assert failed.count(2) == 2 and 1 in failed  # the first two batches, then a frame of one of them
+
+
 def test_a_worker_with_another_model_is_refused(tmp_path: Path) -> None:
     from pipeline.render.farm_worker import RenderWorker
 

@@ -153,9 +153,7 @@ class Pool:
                 self.actor_options = {"num_cpus": min(self.threads, cpus // self.workers)}
         from pipeline.render.farm_worker import RenderWorker
 
-        # One batch at a time per worker; a dead worker is replaced by the farm, not restarted by Ray
-        # (a restart would retry its batch behind our back).
-        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=1)(RenderWorker)
+        self.actor_class = remote_worker(ray, RenderWorker)
         self.actors = [self._start() for _ in range(self.workers)]
         self.replaced = 0  # workers replaced after dying or hanging (the fault tests read it)
         self.lock = threading.Lock()
@@ -183,6 +181,13 @@ class Pool:
     def pids(self) -> list[int]:
         """The process id of each worker (for the fault tests: kill -9 one)."""
         return [info["pid"] for info in self.ray.get([a.info.remote() for a in self.actors])]
+
+
+def remote_worker(ray: Any, body: type) -> Any:
+    """The Ray actor class of a worker body (:class:`~pipeline.render.farm_worker.RenderWorker`):
+    one batch at a time; a dead worker is replaced by the farm, not restarted by Ray (a restart
+    would retry its batch behind our back)."""
+    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=1)(body)
 
 
 _POOLS: dict[tuple[Any, ...], Pool] = {}
@@ -304,6 +309,9 @@ class FarmRenderer:
                 blobs = self._get(actor.encode.remote(self.job["id"], keys), actor)
             except _WorkerLost:
                 continue
+            except Exception:
+                self._idle.put(actor)  # the worker raised: free for the next call
+                raise
             self._shipped.setdefault(actor, set()).update(blobs)
             self._idle.put(actor)
             for key, blob in blobs.items():
@@ -335,6 +343,13 @@ class FarmRenderer:
                         file=sys.stderr,
                     )
                     continue
+                except Exception:
+                    # The worker raised (out of memory, a frame it cannot render): the loop decides
+                    # what follows, and the worker is free for the next batch.
+                    with self._lock:
+                        self._busy.discard(actor)
+                    self._idle.put(actor)
+                    raise
                 held.update(sent["embeddings"])
                 with self._lock:
                     self._busy.discard(actor)

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pipeline.render.batches import encode_png
-from pipeline.render.models import ModelError, library_versions, load_pipeline, resolve_model
+from pipeline.render.batches import _free_memory, _out_of_memory, encode_png
+from pipeline.render.environment import library_versions
+from pipeline.render.models import ModelError, load_pipeline, resolve_model
 from pipeline.render.renderer import FrameRenderer, configure
 
 
@@ -142,19 +143,18 @@ class RenderWorker:
         cache.embeddings.blobs.update(batch["embeddings"])
         # Only the frames this batch feeds back from: a long chain must not pile up in memory.
         cache.frames.blobs = dict(batch["previous"])
-        return [encode_png(image) for image in self._render(renderer, batch["jobs"])]
-
-    def _render(self, renderer: FrameRenderer, jobs: list[Any]) -> list[Any]:
-        """Render, halving the batch on out-of-memory as the single-process loop does."""
         try:
-            return list(renderer.render_batch(jobs))
+            images = list(renderer.render_batch(batch["jobs"]))
         except Exception as exc:
-            if len(jobs) == 1 or "out of memory" not in str(exc).lower():
+            if not _out_of_memory(exc):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(jobs) // 2
-            return self._render(renderer, jobs[:half]) + self._render(renderer, jobs[half:])
+            # The driver sends the batch again in halves, here or elsewhere, and says so once (as
+            # the single-process loop does); its tensors are freed first, traceback and all.
+            error = exc.with_traceback(None)
+        else:
+            return [encode_png(image) for image in images]
+        _free_memory()
+        raise error
 
     def _renderer(self, job_id: str) -> FrameRenderer:
         if self.renderer is None or self.job_id != job_id:

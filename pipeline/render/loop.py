@@ -154,10 +154,12 @@ class Renders:
       ``pipeline.render.farm``) has up to ``capacity`` batches in flight; they are stored as they
       come back, one at a time, as above.
     - A feedback frame is ready once the frame before it is in the cache: chains render in waves.
-    - Out of memory halves the batch size and goes on; one frame that still fails is an error.
+    - Out of memory halves the batch size and goes on; one frame that still fails is an error. A
+      farm worker out of memory fails its batch, which the loop sends again in halves the same way.
     - The first Ctrl-C stores the frames already rendered and stops when the batch on the device
       returns (that batch is not stored: it would come on top of the frames being written); a second
-      Ctrl-C stops at once, once the frames already rendered are stored.
+      Ctrl-C stops at once, once the frames already rendered are stored. On a farm it stops when the
+      first batch in flight returns, and drops it and the others the same way.
     """
 
     POLL_S = 0.2
@@ -264,11 +266,13 @@ class Renders:
                     continue
                 if inflight:
                     # The device renders while the writer stores the batch before.
-                    todo, images = self._collect(inflight)
+                    todo, future = self._collect(inflight)
                     settle(writer.wait())
                     if self.stop_requested:
                         raise KeyboardInterrupt
-                    writer.put(list(zip(todo, images, strict=True)))
+                    images = self._result(todo, future, inflight)
+                    if images is not None:  # else out of memory: its halves were sent again
+                        writer.put(list(zip(todo, images, strict=True)))
                     continue
                 if writer.pending:
                     # What is ready next may be a feedback frame whose previous frame is being stored.
@@ -314,36 +318,53 @@ class Renders:
         return done
 
     @staticmethod
-    def _collect(inflight: list[tuple[list[Any], Future[list[Any]]]]) -> tuple[list[Any], list[Any]]:
+    def _collect(inflight: list[tuple[list[Any], Future[list[Any]]]]) -> tuple[list[Any], Future[list[Any]]]:
         """The first batch in flight to come back (the oldest of those back), taken off the list."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
         while not any(future.done() for _, future in inflight):
             wait([future for _, future in inflight], timeout=1.0, return_when=FIRST_COMPLETED)
         i = next(i for i, (_, future) in enumerate(inflight) if future.done())
-        todo, future = inflight.pop(i)
-        return todo, list(future.result())
+        return inflight.pop(i)
+
+    def _result(
+        self, batch: list[Any], future: Future[list[Any]], inflight: list[tuple[list[Any], Future[list[Any]]]]
+    ) -> list[Any] | None:
+        """The images of a batch that came back; None when it ran out of memory (on a farm worker),
+        its halves then sent again (to that worker or another) as :meth:`_render` does here."""
+        try:
+            return list(future.result())
+        except Exception as exc:
+            half = self._halve(batch, exc)
+        inflight.extend((part, self._submit(part)) for part in (batch[:half], batch[half:]))
+        return None
 
     def _render(self, batch: list[Any]) -> list[Any]:
         """Render one batch, halving it on out-of-memory: an image (or PNG bytes) per job."""
         try:
             return list(self.renderer.render_batch(batch))
         except Exception as exc:
-            if not _out_of_memory(exc):
-                raise
-            if len(batch) == 1:
-                raise ModelError(
-                    f"out of memory rendering a single frame at {self.renderer.scene.width}x{self.renderer.scene.height}: "
-                    "lower the size, use 'dtype: float16' on a GPU, or free memory used by other programs"
-                ) from None
-            _free_memory()
-            self.batch_size = max(1, len(batch) // 2)
-            print(
-                f"out of memory with {len(batch)} frames per batch; going on with {self.batch_size}",
-                file=sys.stderr,
-            )
-            half = len(batch) // 2
-            return self._render(batch[:half]) + self._render(batch[half:])
+            half = self._halve(batch, exc)
+        _free_memory()  # out of the except block: the traceback no longer holds the batch's tensors
+        return self._render(batch[:half]) + self._render(batch[half:])
+
+    def _halve(self, batch: list[Any], exc: Exception) -> int:
+        """Where to split a batch that failed with ``exc``: raised again unless it is out of memory;
+        a single frame out of memory is an error. The batch size follows, said once per size (a farm
+        has several batches in flight, all of the old size)."""
+        if not _out_of_memory(exc):
+            raise exc
+        if len(batch) == 1:
+            scene = self.renderer.scene
+            raise ModelError(
+                f"out of memory rendering a single frame at {scene.width}x{scene.height}: "
+                "lower the size, use 'dtype: float16' on a GPU, or free memory used by other programs"
+            ) from None
+        half = len(batch) // 2
+        if half < self.batch_size:
+            self.batch_size = half
+            print(f"out of memory with {len(batch)} frames per batch; going on with {half}", file=sys.stderr)
+        return half
 
     def _store(self, job: Any, png: bytes) -> None:
         """Store one frame (in the writer thread); tell the progress callback at once."""

@@ -54,6 +54,7 @@ from pipeline.audio.store import analysis_cache
 from pipeline.audio.store import remember_scene_analysis as remember_analysis
 from pipeline.outputs.assemble import CachedFrames, readable_frames
 from pipeline.outputs.page import page_paths, write_page
+from pipeline.outputs.plot import scene_plot
 from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
@@ -286,8 +287,6 @@ class Session:
     def plot(self, path: str | Path) -> list[str]:
         """Write the plot of every keyframed value over the frames (PNG or SVG by suffix) without
         loading a model or importing torch; returns the names of the values that change."""
-        from pipeline.outputs.plot import scene_plot
-
         self._require()
         return scene_plot(self, Path(path))
 

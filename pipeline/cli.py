@@ -28,12 +28,17 @@ import typer
 
 from pipeline import __version__
 from pipeline import app as api
+from pipeline.outputs.plot import plot_problem
 from pipeline.outputs.preview import Draft, parse_frames, parse_size
 from pipeline.paths import default_cache_dir
 from pipeline.plantable import print_plan
 from pipeline.render.models import RANDOM_WEIGHTS_NOTE
+from pipeline.scene.editor_schema import schema_text
+from pipeline.scene.import_common import ImportFailed
+from pipeline.scene.importer import convert
 from pipeline.scene.problems import SceneError
 from pipeline.store.cache import STORE_NAMES, CacheDir, CacheUnavailable
+from pipeline.watch import watch
 
 DEFAULT_CACHE = default_cache_dir()
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -190,11 +195,8 @@ def render_command(
         problems.append("--watch renders again on every save; it does not go with --plan, --plot or --report")
     if as_json and not plan_only:
         problems.append("--json only goes with --plan")
-    if plot is not None:
-        from pipeline.outputs.plot import plot_problem
-
-        if (why := plot_problem(plot)) is not None:
-            problems.append(f"--plot: {why}")
+    if plot is not None and (why := plot_problem(plot)) is not None:
+        problems.append(f"--plot: {why}")
     shown: list[int] | None = list(frame) or None
     if frames_range is not None and session.scene is not None:
         try:
@@ -289,7 +291,6 @@ def _watch(
 ) -> None:
     """``--watch``: render now and after every save (``pipeline.watch``). Ctrl-C while waiting for a
     save stops with exit 0; during a render it stops that render as any Ctrl-C does (exit 130)."""
-    from pipeline.watch import watch
 
     options: dict[str, Any] = ctx.obj or {}
 
@@ -315,8 +316,6 @@ def _watch(
 @app.command("schema")
 def schema_command() -> None:
     """Print the JSON Schema of the scene format (scenes/scene.schema.json is this, for editors)."""
-    from pipeline.scene.editor_schema import schema_text
-
     typer.echo(schema_text(), nl=False)
 
 
@@ -331,9 +330,6 @@ def import_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the scene file if it exists."),
 ) -> None:
     """Turn a Parseq export or a Deforum settings file into a scene YAML, and say what it could not carry over."""
-    from pipeline.scene.import_common import ImportFailed
-    from pipeline.scene.importer import convert
-
     target = out or source.with_suffix(".yaml")
     try:
         text, notes = convert(source, str(source))

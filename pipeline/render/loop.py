@@ -12,6 +12,7 @@ one we wrote for that key, it is left alone.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -38,7 +39,8 @@ from pipeline.render.batches import (
 from pipeline.render.environment import RenderEnv
 from pipeline.render.modelfiles import ModelError, ModelRef
 from pipeline.scene.core import Scene
-from pipeline.store.cache import CacheDir
+from pipeline.store.cache import CacheDir, CacheReadOnly
+from pipeline.store.claims import Claims
 
 # Frames per pipeline call by device: small on CPU (no gain from more), larger on a GPU.
 DEFAULT_BATCH = {"cpu": 4, "mps": 4, "cuda": 8}
@@ -192,12 +194,7 @@ class Renders:
         return int(getattr(self.renderer, "encoded", 0))
 
     def run(self, jobs: list[Any], already: int) -> None:
-        import errno
-
-        from tqdm import tqdm
-
-        from pipeline.store.cache import CacheReadOnly
-        from pipeline.store.claims import Claims
+        from tqdm import tqdm  # here: a no-op re-run imports this module and never draws a bar
 
         if self.cache.readonly:
             raise CacheReadOnly(

@@ -6,13 +6,23 @@ Reads the plan through the recipe views (``FrameJob.view``); imports no torch.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import typer
 
 from pipeline.audio.timeline import scene_timeline
 from pipeline.plan.planner import Plan
-from pipeline.plan.prompts import CHUNK_TOKENS, TokenCount, count_tokens, load_tokenizer, may_be_long
+from pipeline.plan.prompts import (
+    CHUNK_TOKENS,
+    T5_TOKENS,
+    TokenCount,
+    count_tokens,
+    load_tokenizer,
+    may_be_long,
+    weighted_tokens,
+)
 from pipeline.plan.recipe import Blend, Cond, Noise
 from pipeline.render.environment import RenderEnv
 from pipeline.scene.core import Scene
@@ -79,6 +89,56 @@ def _prompt_counts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, TokenCoun
     }
 
 
+def _t5_cuts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, tuple[int, str]]:
+    """SD3 with ``t5: true``: the prompts T5 cuts (embedding key -> (T5 tokens, the text dropped)).
+
+    T5 takes ``T5_TOKENS - 1`` tokens and its end token whatever ``long_prompts`` says (as diffusers'
+    ``max_sequence_length`` 256); counted with the model's ``tokenizer_3/tokenizer.json`` through the
+    ``tokenizers`` library (no transformers, no torch), on the fragments the renderer encodes."""
+    if env.family != "sd3" or not scene.t5 or env.tokenizer is None:
+        return {}
+    file = Path(env.tokenizer).parent / "tokenizer_3" / "tokenizer.json"
+    # A T5 token spans at least one non-space character, so only texts that may pass a CLIP window
+    # (75 of them) can pass T5's 255: most scenes never read this tokenizer.
+    long = {key: str(r["text"]) for key, r in p.embeddings.items() if may_be_long(str(r["text"]))}
+    if not long or not file.is_file():
+        return {}
+    t5 = _t5_tokenizer(file)
+
+    def tokenize(text: str, **_: Any) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=t5.encode(text, add_special_tokens=False).ids)
+
+    keep, out = T5_TOKENS - 1, {}
+    for key, text in long.items():
+        ids = weighted_tokens(tokenize, text, scene.prompt_format)[0]
+        if len(ids) > keep:
+            out[key] = (len(ids), t5.decode(ids[keep:]))
+    return out
+
+
+def _t5_tokenizer(file: Path) -> Any:
+    """The T5 tokenizer of a ``tokenizer.json`` as transformers' ``T5Tokenizer`` builds it (which the
+    renderer uses): the file's Unigram model, SentencePiece's character map as the only normalizer,
+    whitespace split then Metaspace (so runs of spaces and line breaks count as one)."""
+    import base64  # read only for an SD3 scene with T5 and long prompts: the imports stay here
+
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    t5 = Tokenizer.from_file(str(file))
+    spec = json.loads(file.read_text(encoding="utf-8")).get("normalizer") or {}
+    maps = [n for n in [spec, *spec.get("normalizers", [])] if n and n.get("type") == "Precompiled"]
+    charsmap = maps[0].get("precompiled_charsmap") if maps else None
+    t5.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else None
+    t5.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    t5.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return t5
+
+
 def _frame_tokens(cond: Cond, counts: dict[str, TokenCount]) -> dict[str, Any]:
     """A frame's prompt tokens for ``--plan --json``: the most of its prompts, and any text cut."""
     if not counts:
@@ -96,6 +156,7 @@ def _frame_tokens(cond: Cond, counts: dict[str, TokenCount]) -> dict[str, Any]:
 def print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json: bool) -> None:
     describe = _Describe(p)
     counts = _prompt_counts(scene, env, p)
+    t5_cuts = _t5_cuts(scene, env, p)
     timeline = scene_timeline(scene)
     beats = set(timeline.ref_frames("beat")) if timeline is not None and timeline.analysis else None
     if as_json:
@@ -111,6 +172,11 @@ def print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json
                     "status": s,
                     "prompt": describe.cond(cond),
                     **_frame_tokens(cond, counts),
+                    **(
+                        {"t5_cut": [t5_cuts[k][1] for k in cond.embedding_keys() if k in t5_cuts]}
+                        if t5_cuts and any(k in t5_cuts for k in cond.embedding_keys())
+                        else {}
+                    ),
                     # The recipe's own dicts, as the frame's key digests them (the LoRA scales too).
                     "cond": cond.raw,
                     "noise": r.noise.raw,
@@ -149,6 +215,11 @@ def print_plan(scene: Scene, env: RenderEnv, p: Plan, status: list[str], as_json
             typer.echo(
                 f"prompt {text!r}: {count.tokens} tokens, encoded in {count.chunks} chunks of {CHUNK_TOKENS}"
             )
+    for key, (tokens, cut) in t5_cuts.items():
+        typer.echo(
+            f"prompt {_short(p.text(key), 40)!r}: {tokens} T5 tokens; SD3's T5 takes {T5_TOKENS - 1} and "
+            f"drops the last {tokens - T5_TOKENS + 1}: {_short(cut, 60)!r}"
+        )
     if timeline is not None:
         typer.echo(timeline.describe())  # where the beats fall
     cached = sum(1 for s in status if s == "cached")

@@ -281,3 +281,36 @@ def test_sd3_padding_goes_between_the_clip_windows_and_t5(tmp_path: Path, with_t
         assert torch.equal(padded[:, :77], own[:, :77])
         assert torch.equal(padded[:, 77:154], empty[:, :77])
         assert torch.equal(padded[:, 154:], own[:, 77:])
+
+
+def test_sd3_plan_shows_what_t5_cuts(
+    tmp_path: Path, with_t5: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same count and text the render's warning gives (test_a_t5_prompt_past_256_tokens_is_cut_with_a_warning),
+    # before any model loads: 300 T5 tokens, 255 kept.
+    path = _scene(tmp_path, "t5: true\n", "dog " * 300, model=str(with_t5))
+    # --plan counts without transformers, as transformers' T5Tokenizer (which renders) tokenizes.
+    from transformers import AutoTokenizer
+
+    from pipeline.plantable import _t5_tokenizer
+
+    ours = _t5_tokenizer(with_t5 / "tokenizer_3" / "tokenizer.json")
+    theirs = AutoTokenizer.from_pretrained(with_t5 / "tokenizer_3")
+    for text in ["dog " * 300, "  a dog  on\n grass, ", "(dog:1.5) cat", "a\t\tdog"]:
+        assert (
+            ours.encode(text, add_special_tokens=False).ids
+            == theirs(text, add_special_tokens=False).input_ids
+        )
+    out = _plan_output(path, capsys)
+    assert (
+        "prompt 'dog dog dog dog dog dog dog dog dog dog…': 300 T5 tokens; SD3's T5 takes 255 and drops the last 45: 'dog dog dog"
+        in out
+    )
+    rows = json.loads(_plan_output(path, capsys, "--json"))
+    assert rows[0]["t5_cut"] == ["dog " * 44 + "dog"]
+    # Without T5 nothing is cut there, and a short prompt is never counted.
+    path.write_text(path.read_text().replace("t5: true\n", ""))
+    assert "T5 tokens" not in _plan_output(path, capsys)
+    (tmp_path / "short").mkdir()
+    short = _scene(tmp_path / "short", "t5: true\n", "a dog", model=str(with_t5))
+    assert "T5 tokens" not in _plan_output(short, capsys)

@@ -6,7 +6,7 @@ Everything here is re-exported by ``pipeline.app`` (and so by ``pipeline``): imp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import yaml
 
 from pipeline.cpu import choose_threads
+from pipeline.outputs.preview import PreviewPaths, check_frame, clash, preview_paths
+from pipeline.outputs.targets import Target
 from pipeline.plan.planner import FrameJob, Plan
 from pipeline.render.environment import RenderEnv
 from pipeline.render.farm import DEFAULT_TIMEOUT_S, FarmError, FarmRenderer, farm_pool, farm_problems
@@ -231,3 +233,32 @@ def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
         if exc.kind == "full":
             raise RenderError(f"--cache-dir: {exc}\n{exc.hint()}") from None
         raise InputError([f"--cache-dir: {exc}", exc.hint()]) from None
+
+
+def shown_frames(total: int, frames: Sequence[int] | None) -> list[int]:
+    """The frames a preview shows (every frame by default), checked: InputError if one is beyond the end."""
+    if frames is None:
+        return list(range(total))
+    problems, shown = [], []
+    for frame in frames:
+        try:
+            shown.append(check_frame(int(frame), total))
+        except ValueError as exc:
+            problems.append(OptionProblem("--frame", str(exc)))
+    if problems or not shown:
+        raise InputError(problems or [OptionProblem("--frame", "no frame given")])
+    return list(dict.fromkeys(shown))
+
+
+def checked_preview_paths(
+    scene: Scene, out_dir: Path, shown: list[int], draft: bool, targets: Sequence[Target]
+) -> PreviewPaths:
+    """Where a preview of ``shown`` goes (``pipeline.outputs.preview``); InputError if that would
+    write into one of the final outputs."""
+    paths = preview_paths(scene, out_dir, shown, scene if draft else None)
+    final = clash(paths, [t.path for t in targets])
+    if final is not None:
+        raise InputError(
+            [OptionProblem("preview", f"{paths.sheet.parent} would write into the output {final}; use --out")]
+        )
+    return paths

@@ -44,11 +44,13 @@ from pipeline.api_base import (
     RenderError,
     RenderSetup,
     Report,
+    checked_preview_paths,
     file_memo,
     load_source,
     make_renderer,
     open_cache,
     option_problems,
+    shown_frames,
 )
 from pipeline.audio.store import analysis_cache
 from pipeline.audio.store import remember_scene_analysis as remember_analysis
@@ -58,13 +60,10 @@ from pipeline.outputs.plot import scene_plot
 from pipeline.outputs.preview import (
     Draft,
     PreviewPaths,
-    check_frame,
-    clash,
     draft_scene,
     finish_preview,
     live_sheet,
     needed_jobs,
-    preview_paths,
     sub_plan,
 )
 from pipeline.outputs.targets import Target, check_outputs
@@ -424,32 +423,11 @@ class Session:
 
     def shown_frames(self, frames: Sequence[int] | None) -> list[int]:
         """The frames a preview shows (every frame by default), checked: InputError if one is beyond the end."""
-        total = self._require().total_frames
-        if frames is None:
-            return list(range(total))
-        problems, shown = [], []
-        for frame in frames:
-            try:
-                shown.append(check_frame(int(frame), total))
-            except ValueError as exc:
-                problems.append(OptionProblem("--frame", str(exc)))
-        if problems or not shown:
-            raise InputError(problems or [OptionProblem("--frame", "no frame given")])
-        return list(dict.fromkeys(shown))
+        return shown_frames(self._require().total_frames, frames)
 
     def _preview_paths(self, shown: list[int]) -> PreviewPaths:
         scene = self._require()
-        paths = preview_paths(scene, self.out_dir, shown, scene if self.draft is not None else None)
-        final = clash(paths, [t.path for t in self.targets])
-        if final is not None:
-            raise InputError(
-                [
-                    OptionProblem(
-                        "preview", f"{paths.sheet.parent} would write into the output {final}; use --out"
-                    )
-                ]
-            )
-        return paths
+        return checked_preview_paths(scene, self.out_dir, shown, self.draft is not None, self.targets)
 
     def _make_renderer(self, renderer: RendererArg, setup: RenderSetup) -> BatchRenderer:
         """The batch renderer, built when the first frame must render (torch is imported from here)."""

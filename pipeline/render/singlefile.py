@@ -95,11 +95,10 @@ def config_folder(config: str | None, layout: Layout, base_dir: Path, *, downloa
     if config in embedded_models():
         return EMBEDDED_DIR / config
     shown = _shorten(config)
-    try:
-        local = (base_dir / Path(config).expanduser()).resolve()
-        kind = path_kind(local)
-    except (OSError, RuntimeError, ValueError) as exc:
-        return f"'{shown}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
+    found_local = _local(config, base_dir)
+    if isinstance(found_local, str):
+        return found_local
+    local, kind = found_local
     if kind == "folder":
         if path_kind(local / "model_index.json") != "file":
             return f"folder '{shown}' is not a diffusers model folder (no model_index.json in {_shorten(str(local))})"
@@ -114,6 +113,15 @@ def config_folder(config: str | None, layout: Layout, base_dir: Path, *, downloa
     if kind == "missing":
         return f"folder '{shown}' not found (looked for {_shorten(str(local))})"
     return f"'{shown}' is not a folder; 'config:' is a diffusers model folder, an embedded model or a Hugging Face id"
+
+
+def _local(spec: str, base_dir: Path) -> tuple[Path, str] | str:
+    """``spec`` as a path from ``base_dir`` and what is there (``path_kind``), or why it is no usable path."""
+    try:
+        local = (base_dir / Path(spec).expanduser()).resolve()
+        return local, path_kind(local)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"'{_shorten(spec)}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
 
 
 def config_problem(layout: Layout, folder: Path) -> str | None:
@@ -244,11 +252,10 @@ VAE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 def check_vae_spec(spec: str, base_dir: Path) -> str | None:
     """Why ``vae:`` names no VAE, or None: a diffusers VAE folder, a weights file, or a Hugging Face id."""
     shown = _shorten(spec)
-    try:
-        local = (base_dir / Path(spec).expanduser()).resolve()
-        kind = path_kind(local)
-    except (OSError, RuntimeError, ValueError) as exc:
-        return f"'{shown}' is not a usable path ({getattr(exc, 'strerror', None) or exc})"
+    found_local = _local(spec, base_dir)
+    if isinstance(found_local, str):
+        return found_local
+    local, kind = found_local
     if kind.startswith("unusable: "):
         return f"'{shown}' is not a usable path ({kind.removeprefix('unusable: ')})"
     if kind == "folder":

@@ -116,8 +116,9 @@ def _wait(
 ) -> list[Path]:
     """Block until one of ``files`` is saved (or ``stop`` is set: []); the files that changed.
 
-    watchfiles reports saves as they happen; twice a second the files' stamps are compared with
-    ``since`` (taken when the round ended) too, which catches a save made before the watcher started."""
+    A file counts as saved when its stamps differ from ``since`` (taken when the round ended):
+    checked on every event watchfiles reports, and twice a second, which catches a save made before
+    the watcher started."""
     folders = sorted({p.parent for p in files if p.parent.is_dir()})
 
     def wanted(change: Any, path: str) -> bool:
@@ -134,9 +135,13 @@ def _wait(
         yield_on_timeout=True,
     ):
         if changes:
-            return sorted({Path(path).resolve() for _, path in changes})
-        now = _stamps(files)
-        if now != since:
+            # Only what differs from the end of the last round: a late event of a save that round
+            # already read (an editor's save can come as several batches of events) is not a save.
+            saved = sorted(p for p, st in _stamps(files).items() if since.get(p) != st)
+            if saved:
+                return saved
+            continue
+        if _stamps(files) != since:
             time.sleep(0.2)  # let a save in progress finish before the scene is read
             return sorted(p for p, st in _stamps(files).items() if since.get(p) != st)
     return []

@@ -187,3 +187,27 @@ def test_the_watch_loop_is_an_api_that_a_stop_event_ends(tmp_path: Path) -> None
         thread.join(timeout=WAIT_S)
     assert not thread.is_alive()
     assert [(r.rendered, r.cached) for r in reports] == [(2, 0), (1, 1)]
+
+
+def test_an_event_for_a_file_that_did_not_change_since_the_round_is_not_a_save(tmp_path: Path) -> None:
+    """A late event of a save the last round already read (an editor's save can reach watchfiles as
+    several batches of events) must not start another round; an event with a real change must."""
+    from pipeline.watch import _stamps, _wait
+
+    scene = tmp_path / "s.yaml"
+    scene.write_text("a")
+    files = {scene.resolve()}
+    since = _stamps(files)
+
+    class Events:
+        def __init__(self, edit: bool) -> None:
+            self.edit = edit
+
+        def watch(self, *folders: Any, **options: Any) -> Any:
+            if self.edit:
+                _save(scene, "b")
+            yield {(2, str(scene))}  # watchfiles' Change.modified
+            yield set()  # then only timeouts, and the watcher ends
+
+    assert _wait(files, since, None, Events(edit=False)) == []
+    assert _wait(files, since, None, Events(edit=True)) == [scene.resolve()]

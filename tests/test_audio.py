@@ -19,10 +19,10 @@ from PIL import Image
 
 import pipeline
 from pipeline.audio.analysis import settings
-from pipeline.audio.store import analysis_key
 from pipeline.audio.timeline import scene_timeline
 from pipeline.scene.load import load_scene
 from pipeline.store.cache import CacheDir
+from pipeline.store.records import audio_analysis_key
 from tests.conftest import CountingRenderer, run_render
 
 sf = pytest.importorskip("soundfile")
@@ -291,7 +291,7 @@ def test_the_analysis_is_cached(tmp_path: Path) -> None:
     with CacheDir(cache_dir) as cache:
         stored = cache.records.get_json(timeline.key)
         assert stored == timeline.analysis
-        assert timeline.key == analysis_key(timeline.sha256, settings())
+        assert timeline.key == audio_analysis_key(timeline.sha256, settings())
         # A re-plan reads the analysis from the cache: a doctored one shows.
         cache.records.put_json(timeline.key, {**stored, "beats": [0.5, 2.0, 2.5]})
     assert pipeline.open(path, cache_dir=cache_dir).scene.keyframe_frames == [0, 24]

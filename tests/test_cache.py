@@ -27,8 +27,8 @@ from pipeline.store.cache import (
     Store,
     UnsafeEntry,
     check_key,
-    record_key,
 )
+from pipeline.store.records import record_key
 
 BIG = 100_000  # > diskcache's default min_file_size (32 KiB): stored in its own value file
 

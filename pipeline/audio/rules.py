@@ -21,11 +21,12 @@ from pydantic import ValidationError
 from pipeline.audio.analysis import AudioReadError, LibrosaMissing, settings
 from pipeline.audio.model import Drive, audio_ref, is_drive
 from pipeline.audio.mux import probe
-from pipeline.audio.store import analysis_key, cached_analysis
+from pipeline.audio.store import cached_analysis
 from pipeline.audio.timeline import AUDIO_CURVE, AudioTimeline
 from pipeline.scene.inputfiles import path_kind
 from pipeline.scene.problems import Problem, shorten
 from pipeline.scene.yamlio import YamlDoc
+from pipeline.store.records import audio_analysis_key
 
 __all__ = ["check_audio", "drive_place", "drive_values", "take_drives"]
 
@@ -176,7 +177,7 @@ def check_audio(
         try:
             config = settings([h for d in drives.values() if (h := d.hz) is not None])
             timeline.analysis = cached_analysis(full, timeline.sha256, config)
-            timeline.key = analysis_key(timeline.sha256, config)
+            timeline.key = audio_analysis_key(timeline.sha256, config)
         except LibrosaMissing as exc:
             what = (
                 "keyframes on beats or onsets"

@@ -25,7 +25,7 @@ from pipeline.plan.keys import canonical_json
 from pipeline.store.cache import CacheDir, CacheUnavailable
 from pipeline.store.records import audio_analysis_key
 
-__all__ = ["analysis_cache", "analysis_key", "cached_analysis", "remember_scene_analysis"]
+__all__ = ["analysis_cache", "cached_analysis", "remember_scene_analysis"]
 
 _CACHE_DIR: ContextVar[Path | None] = ContextVar("sd_scenes_audio_cache", default=None)
 
@@ -40,11 +40,6 @@ def analysis_cache(cache_dir: Path | None) -> Iterator[None]:
         _CACHE_DIR.reset(token)
 
 
-def analysis_key(sha256: str, config: dict[str, Any]) -> str:
-    """The record key of an analysis: the file's content hash and the canonical JSON of its settings."""
-    return audio_analysis_key(sha256, config)
-
-
 def _looks_right(found: Any) -> bool:
     # A record from another version of this module (or a damaged one) is a miss, never a crash.
     return (
@@ -56,7 +51,7 @@ def _looks_right(found: Any) -> bool:
 
 def cached_analysis(path: Path, sha256: str, config: dict[str, Any]) -> dict[str, Any]:
     """The analysis of ``path`` (whose content hash is ``sha256``) from the cache, else made now."""
-    key = analysis_key(sha256, config)
+    key = audio_analysis_key(sha256, config)
     cache_dir = _CACHE_DIR.get()
     if cache_dir is not None:
         with contextlib.suppress(CacheUnavailable, OSError):

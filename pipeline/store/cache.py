@@ -73,7 +73,6 @@ from pipeline.store.disk import (
     open_failure,
     tree_size,
 )
-from pipeline.store.records import record_key
 
 __all__ = [
     "ENVELOPE_MAGIC",
@@ -89,7 +88,6 @@ __all__ = [
     "StoreSurvey",
     "UnsafeEntry",
     "check_key",
-    "record_key",
 ]
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir
+from pipeline.store.records import claim_key
 from tests.reliability._util import ROOT, plan_keys, plan_rows, wait_until, write_scene
 
 FRAMES = 4
@@ -34,7 +35,7 @@ def plant(cache: Path, keys: list[str], *, since: float, renewed: float, lease: 
                 "lease": lease,
                 "token": "other",
             }
-            c.records.put(record_key("claim", key), json.dumps(claim).encode(), tag="claim")
+            c.records.put(claim_key(key), json.dumps(claim).encode(), tag="claim")
 
 
 def start(scene: Path, cache: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -104,7 +105,7 @@ def test_frames_claimed_by_a_live_render_elsewhere_are_waited_for_with_a_message
                 blob = theirs.frames.get(key)
                 assert blob is not None, key
                 ours.frames.put(key, blob)
-                ours.records.delete(record_key("claim", key))
+                ours.records.delete(claim_key(key))
         code = proc.wait(240)
     finally:
         proc.kill()

@@ -21,7 +21,8 @@ import pytest
 
 from pipeline.render.modelfiles import check_model_spec
 from pipeline.render.models import resolve_model
-from pipeline.store.cache import CacheDir, record_key
+from pipeline.store.cache import CacheDir
+from pipeline.store.records import claim_key
 from tests.reliability._helpers_inputs import (
     EMBEDDED,
     ROOT,
@@ -248,7 +249,7 @@ def test_out_of_memory_for_a_single_frame_is_an_error(
     # The failed run leaves no claims behind: another process would not wait for these frames.
     keys = [job.key for job in plan_of(scene)]
     with CacheDir(tmp_path / "cache") as cache:
-        assert not any(record_key("claim", key) in cache.records for key in keys)
+        assert not any(claim_key(key) in cache.records for key in keys)
 
     # Once memory is there again, the same command renders everything.
     monkeypatch.undo()

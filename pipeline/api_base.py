@@ -235,7 +235,7 @@ def open_cache(cache_dir: Path, *, writable: bool) -> CacheDir | None:
         raise InputError([f"--cache-dir: {exc}", exc.hint()]) from None
 
 
-def shown_frames(total: int, frames: Sequence[int] | None) -> list[int]:
+def check_shown_frames(total: int, frames: Sequence[int] | None) -> list[int]:
     """The frames a preview shows (every frame by default), checked: InputError if one is beyond the end."""
     if frames is None:
         return list(range(total))

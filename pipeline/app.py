@@ -44,13 +44,13 @@ from pipeline.api_base import (
     RenderError,
     RenderSetup,
     Report,
+    check_shown_frames,
     checked_preview_paths,
     file_memo,
     load_source,
     make_renderer,
     open_cache,
     option_problems,
-    shown_frames,
 )
 from pipeline.audio.store import analysis_cache
 from pipeline.audio.store import remember_scene_analysis as remember_analysis
@@ -423,7 +423,7 @@ class Session:
 
     def shown_frames(self, frames: Sequence[int] | None) -> list[int]:
         """The frames a preview shows (every frame by default), checked: InputError if one is beyond the end."""
-        return shown_frames(self._require().total_frames, frames)
+        return check_shown_frames(self._require().total_frames, frames)
 
     def _preview_paths(self, shown: list[int]) -> PreviewPaths:
         scene = self._require()

@@ -21,6 +21,7 @@ from pipeline.plan.prompts import (
     count_tokens,
     load_tokenizer,
     may_be_long,
+    t5_tokenizer,
     weighted_tokens,
 )
 from pipeline.plan.recipe import Blend, Cond, Noise
@@ -103,7 +104,7 @@ def _t5_cuts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, tuple[int, str]
     long = {key: str(r["text"]) for key, r in p.embeddings.items() if may_be_long(str(r["text"]))}
     if not long or not file.is_file():
         return {}
-    t5 = _t5_tokenizer(file)
+    t5 = t5_tokenizer(file)
 
     def tokenize(text: str, **_: Any) -> SimpleNamespace:
         return SimpleNamespace(input_ids=t5.encode(text, add_special_tokens=False).ids)
@@ -114,29 +115,6 @@ def _t5_cuts(scene: Scene, env: RenderEnv, p: Plan) -> dict[str, tuple[int, str]
         if len(ids) > keep:
             out[key] = (len(ids), t5.decode(ids[keep:]))
     return out
-
-
-def _t5_tokenizer(file: Path) -> Any:
-    """The T5 tokenizer of a ``tokenizer.json`` as transformers' ``T5Tokenizer`` builds it (which the
-    renderer uses): the file's Unigram model, SentencePiece's character map as the only normalizer,
-    whitespace split then Metaspace (so runs of spaces and line breaks count as one)."""
-    import base64  # read only for an SD3 scene with T5 and long prompts: the imports stay here
-
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-
-    t5 = Tokenizer.from_file(str(file))
-    spec = json.loads(file.read_text(encoding="utf-8")).get("normalizer") or {}
-    maps = [n for n in [spec, *spec.get("normalizers", [])] if n and n.get("type") == "Precompiled"]
-    charsmap = maps[0].get("precompiled_charsmap") if maps else None
-    t5.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else None
-    t5.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        ]
-    )
-    t5.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    return t5
 
 
 def _frame_tokens(cond: Cond, counts: dict[str, TokenCount]) -> dict[str, Any]:

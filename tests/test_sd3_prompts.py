@@ -292,9 +292,9 @@ def test_sd3_plan_shows_what_t5_cuts(
     # --plan counts without transformers, as transformers' T5Tokenizer (which renders) tokenizes.
     from transformers import AutoTokenizer
 
-    from pipeline.plantable import _t5_tokenizer
+    from pipeline.plan.prompts import t5_tokenizer
 
-    ours = _t5_tokenizer(with_t5 / "tokenizer_3" / "tokenizer.json")
+    ours = t5_tokenizer(with_t5 / "tokenizer_3" / "tokenizer.json")
     theirs = AutoTokenizer.from_pretrained(with_t5 / "tokenizer_3")
     for text in ["dog " * 300, "  a dog  on\n grass, ", "(dog:1.5) cat", "a\t\tdog"]:
         assert (

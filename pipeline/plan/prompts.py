@@ -16,10 +16,13 @@ embedding's key, and the renderer (``pipeline.render.renderer``) encodes the chu
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Bump when the parse or the chunking changes: it is in every key of a prompt that goes through here.
@@ -283,6 +286,27 @@ def load_tokenizer(folder: str | None) -> ClipTokenizer | None:
         except Exception:  # missing or unreadable files: the render will say so; --plan counts nothing
             _TOKENIZERS[folder] = None
     return _TOKENIZERS[folder]
+
+
+def t5_tokenizer(file: Path) -> Any:
+    """SD3's T5 tokenizer of a ``tokenizer.json`` as transformers' ``T5Tokenizer`` builds it (which the
+    renderer uses): the file's Unigram model, SentencePiece's character map as the only normalizer,
+    whitespace split then Metaspace (so runs of spaces and line breaks count as one)."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    t5 = Tokenizer.from_file(str(file))
+    spec = json.loads(file.read_text(encoding="utf-8")).get("normalizer") or {}
+    maps = [n for n in [spec, *spec.get("normalizers", [])] if n and n.get("type") == "Precompiled"]
+    charsmap = maps[0].get("precompiled_charsmap") if maps else None
+    t5.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else None
+    t5.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    t5.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return t5
 
 
 def scene_texts(scene: Any) -> list[str]:
